@@ -1,0 +1,99 @@
+"""`jaxlm.load(path)`: a trained run directory as a callable model with `.generate`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import sharding
+from jaxlm.checkpoint import Checkpointer, CheckpointError
+from jaxlm.config import Config, MeshConfig
+from jaxlm.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
+from jaxlm.generate import generate_ids
+from jaxlm.models.transformer import build_model
+from jaxlm.optim import make_optimizer
+from jaxlm.train import rundir
+from jaxlm.train.state import state_shardings
+
+
+class LM:
+    """A model, its parameters and its tokenizer. `lm(tokens)` returns logits [B, T, V]."""
+
+    def __init__(self, config: Config, params: Any, tokenizer: Tokenizer | None):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.model = build_model(config.model)
+        self._apply = jax.jit(lambda p, *t: self.model.apply({"params": p}, *t))
+
+    def __call__(self, *token_arrays: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+                 **kwargs: Any) -> jax.Array:
+        """`lm(tokens)` (decoder, encoder) or `lm(src, tgt)` (encoder-decoder) -> logits.
+        Keyword arguments (e.g. padding_mask_BT) go to the model's __call__."""
+        arrays = []
+        for t in token_arrays:
+            t = jnp.asarray(t, dtype=jnp.int32)
+            arrays.append(t[None] if t.ndim == 1 else t)
+        if kwargs:
+            return self.model.apply({"params": self.params}, *arrays, **kwargs)
+        return self._apply(self.params, *arrays)
+
+    def generate(self, text: str | Sequence[str], max_new_tokens: int = 200,
+                 temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0) -> str | list[str]:
+        """Continues `text` (or each of a list of texts); returns only the new text."""
+        if self.tokenizer is None:
+            raise TokenizerError("this model has no tokenizer (its directory had no tokenizer "
+                                 "files); call it on token ids, or add a tokenizer")
+        texts = [text] if isinstance(text, str) else list(text)
+        prompts = [self.tokenizer.encode(t) for t in texts]
+        if self.tokenizer.bos_id is not None and any(len(p) == 0 for p in prompts):
+            prompts = [p or [self.tokenizer.bos_id] for p in prompts]
+        ids = generate_ids(self.model, self.params, prompts, max_new_tokens=max_new_tokens,
+                           max_len=self.config.model.max_seq_len, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, eos_id=self.tokenizer.eos_id,
+                           pad_id=self.tokenizer.pad_id or 0)
+        out = [self.tokenizer.decode(i) for i in ids]
+        return out[0] if isinstance(text, str) else out
+
+
+def load(path: str | Path, step: int | None = None) -> LM:
+    """Loads a jaxlm run directory (newest checkpoint, or `step`) or an HF model directory
+    (config.json + safetensors), with its tokenizer."""
+    path = Path(path)
+    if not (path / rundir.CONFIG_FILE).exists() and (path / "config.json").exists():
+        return _load_hf(path)
+    cfg = rundir.load_config(path)
+    tok_dir = path / rundir.TOKENIZER_DIR
+    # A run converted from an HF directory without tokenizer files has none: ids only.
+    tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model = build_model(cfg.model)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    with jax.set_mesh(mesh):
+        abstract, _ = state_shardings(model, tx, mesh)
+        ckpt = Checkpointer(path / rundir.CHECKPOINT_DIR, async_save=False)
+        try:
+            _, state, _ = ckpt.restore(abstract, step)
+        finally:
+            ckpt.close()
+    if state is None:
+        raise CheckpointError(f"no checkpoint in {path}")
+    return LM(cfg, state.params, tokenizer)
+
+
+def _load_hf(path: Path) -> LM:
+    from jaxlm.convert.hf import load_hf
+
+    model_cfg, params = load_hf(path)
+    cfg = Config(model=model_cfg, name=path.name)
+    try:
+        tokenizer = load_tokenizer(path)
+    except ValueError:  # an HF directory without tokenizer files: ids only
+        tokenizer = None
+    return LM(cfg, jax.tree.map(jnp.asarray, params), tokenizer)

@@ -1,0 +1,105 @@
+"""Orbax checkpoints of the train state and the data position; restore onto any mesh.
+
+Restores always use a target of sharded jax.ShapeDtypeStructs built from the current mesh,
+so a checkpoint written on one mesh loads onto another and optax NamedTuples stay NamedTuples.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the CLI prints it and exits with code 2."""
+
+
+def _shape_mismatch(target: Any, saved: Any) -> str | None:
+    """The first parameter whose saved shape differs from the target's, as a message."""
+    saved_shapes = {jax.tree_util.keystr(p): getattr(x, "shape", None)
+                    for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+        key = jax.tree_util.keystr(path)
+        if key not in saved_shapes:
+            return f"parameter {key} (shape {tuple(leaf.shape)}) is not in the checkpoint"
+        if saved_shapes[key] is not None and tuple(saved_shapes[key]) != tuple(leaf.shape):
+            return (f"parameter {key} has shape {tuple(saved_shapes[key])} in the checkpoint "
+                    f"but {tuple(leaf.shape)} in this model")
+    return None
+
+
+class Checkpointer:
+    """Saves {state, data} every step it is asked to; keeps the newest `keep`."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state))
+        return self.manager.save(step, args=args, force=force)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict]:
+        """Restores the newest checkpoint that loads (or `step`); returns (step, state, data).
+
+        A checkpoint of another model is refused naming the first mismatching parameter;
+        a corrupt or incomplete newest checkpoint is skipped, with a warning, for an older one.
+        """
+        candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+        if not candidates:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        self._check_shapes(abstract_state, candidates[0])
+        errors = []
+        for s in candidates:
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore()))
+                if errors:
+                    log.warning("skipped unreadable checkpoint(s) %s; resumed from step %d",
+                                ", ".join(e[0] for e in errors), s)
+                return s, restored["state"], dict(restored["data"] or {})
+            except Exception as e:  # orbax/tensorstore raise many types on bad files
+                errors.append((str(s), f"{type(e).__name__}: {str(e)[:200]}"))
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {msg}" for s, msg in errors))
+
+    def _check_shapes(self, abstract_state: Any, step: int) -> None:
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+        except Exception:  # unreadable metadata: let restore() try older steps
+            return
+        if meta is None:
+            return
+        saved_params = getattr(meta, "params", None)
+        if saved_params is None and isinstance(meta, dict):
+            saved_params = meta.get("params")
+        if saved_params is None:
+            return
+        problem = _shape_mismatch(abstract_state.params, saved_params)
+        if problem:
+            raise CheckpointError(f"checkpoint {self.directory} is of another model: {problem}")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,427 @@
+"""Configuration: one dataclass schema, YAML files, dotted `key=value` overrides.
+
+Resolution order (later wins): schema defaults < `model.preset` < YAML file < overrides.
+Every field carries a help string in its metadata; `describe()` lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it and exits with code 2."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _f("gpt2", "architecture preset (see jaxlm.models.presets.PRESETS)")
+    family: str = _f("decoder", "decoder | encoder | encoder_decoder (set by the preset)")
+    num_layers: int = _f(12, "number of Transformer blocks (per stack for encoder-decoder)")
+    num_decoder_layers: int = _f(0, "decoder blocks of an encoder-decoder; 0 = num_layers")
+    d_model: int = _f(768, "residual stream width")
+    num_heads: int = _f(12, "attention heads")
+    num_kv_heads: int = _f(0, "key/value heads for grouped-query attention; 0 = num_heads")
+    head_dim: int = _f(0, "width of one head; 0 = d_model // num_heads")
+    d_ff: int = _f(3072, "hidden width of the MLP")
+    vocab_size: int = _f(50257, "embedding rows; must cover the tokenizer's ids")
+    max_seq_len: int = _f(1024, "longest sequence the position encoding supports")
+    attention: str = _f("auto", "attention kernel: reference | xla | auto")
+    dtype: str = _f("float32", "compute dtype: float32 | bfloat16")
+    param_dtype: str = _f("float32", "parameter and optimizer-state dtype")
+    norm: str = _f("layernorm", "layernorm | rmsnorm")
+    norm_position: str = _f("pre", "pre (GPT-2/Llama) | post (BERT, original Transformer)")
+    norm_eps: float = _f(1e-5, "epsilon of the normalisation layers")
+    activation: str = _f("gelu_tanh", "MLP activation: gelu_tanh | gelu | relu | silu")
+    gated_mlp: bool = _f(False, "gated MLP (SwiGLU when activation=silu)")
+    position: str = _f("learned", "position encoding: learned | rope | sinusoidal | none")
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    use_bias: bool = _f(True, "biases in attention and MLP projections")
+    tie_embeddings: bool = _f(True, "output projection shares the token embedding")
+    dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
+    scan_layers: bool = _f(True, "stack the blocks with nn.scan (compile time flat in depth)")
+    remat: str = _f("none", "rematerialisation policy: none | full | dots_saveable")
+    init_std: float = _f(0.02, "standard deviation of the normal weight initialiser")
+    attention_scale: float = _f(0.0, "attention logit scale; 0 = 1/sqrt(head_dim) (T5 uses 1)")
+    # decoder family
+    local_window: int = _f(0, "banded attention width in local layers (GPT-3); 0 = all dense")
+    local_every: int = _f(2, "with local_window: every N-th layer is local (GPT-3: 2)")
+    # encoder family
+    type_vocab_size: int = _f(0, "token-type (segment A/B) embeddings; 0 = none (BERT: 2)")
+    pad_token_id: int = _f(0, "padding id; RoBERTa-style positions skip tokens with this id")
+    position_offset: int = _f(0, "rows of the position table before position 0; > 0 = "
+                              "RoBERTa positions (pad_token_id + 1 + count of non-pad tokens)")
+    # encoder-decoder family
+    embed_scale: bool = _f(False, "multiply token embeddings by sqrt(d_model) (Transformer, Marian)")
+    embed_norm: bool = _f(False, "LayerNorm on the embeddings of each stack (BART)")
+    final_norm: bool = _f(True, "a norm closes each stack (T5, torch.nn.Transformer; not BART)")
+    sinusoidal_layout: str = _f("interleaved", "sinusoidal positions: interleaved (paper) | "
+                                "split (Marian: sin in the first half, cos in the second)")
+    relative_buckets: int = _f(0, "T5 relative position bias buckets; 0 = no relative bias")
+    relative_max_distance: int = _f(128, "T5: distance from which all positions share a bucket")
+    scale_decoder_output: bool = _f(False, "decoder output times d_model**-0.5 before the "
+                                    "vocabulary projection (T5 v1.0)")
+    final_logits_bias: bool = _f(False, "a learned bias on the output logits (BART, Marian)")
+    decoder_start_id: int = _f(0, "token that starts every decoder input (T5: pad, BART: eos)")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("shakespeare", "prepared corpus name (jaxlm prepare NAME); ignored if files set")
+    files: list[str] = _f([], "local text/jsonl training files or globs; overrides name")
+    valid_files: list[str] = _f([], "held-out files; empty = last valid_fraction of files")
+    valid_fraction: float = _f(0.05, "share of local text held out when valid_files is empty")
+    text_field: str = _f("text", "field holding the text in jsonl files")
+    tokenizer: str = _f("byte", "byte | bpe (trained on the corpus) | path to a tokenizer dir")
+    bpe_vocab_size: int = _f(8192, "vocabulary size when tokenizer=bpe")
+    source_field: str = _f("source", "jsonl field of the source text (encoder-decoder pairs)")
+    target_field: str = _f("target", "jsonl field of the target text (encoder-decoder pairs)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "optimizer steps in total")
+    batch_size: int = _f(32, "global batch size in sequences")
+    seq_len: int = _f(256, "tokens per training sequence")
+    eval_every: int = _f(250, "validate every N steps (0 = only at the end)")
+    eval_batches: int = _f(8, "validation batches per evaluation")
+    log_every: int = _f(10, "write a metrics row every N steps")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross entropy")
+    z_loss: float = _f(0.0, "weight of the log(Z)^2 penalty that keeps logits small")
+    mlm_rate: float = _f(0.15, "share of tokens masked by the masked-LM objective")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-4, "peak learning rate")
+    warmup_steps: int = _f(100, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not on biases, norms, embeddings)")
+    b1: float = _f(0.9, "Adam beta1")
+    b2: float = _f(0.95, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    clip_norm: float = _f(1.0, "clip gradients to this global norm (0 = off)")
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+
+
+@dataclass
+class MeshConfig:
+    data: int = _f(-1, "data-parallel axis size (-1 = the devices left over)")
+    fsdp: int = _f(1, "fully-sharded data-parallel axis size (-1 = the devices left over)")
+    tensor: int = _f(1, "tensor-parallel axis size (-1 = the devices left over)")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(250, "save every N steps (and always at the end)")
+    keep: int = _f(3, "keep the newest N checkpoints")
+    async_save: bool = _f(True, "write checkpoints in the background")
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("", "run directory; empty = runs/<config name>")
+    quiet: bool = _f(False, "no progress bar")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "seed of initialisation, data order and dropout")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model shape"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
+    mesh: MeshConfig = field(default_factory=MeshConfig, metadata={"help": "device mesh"})
+    checkpoint: CheckpointConfig = field(
+        default_factory=CheckpointConfig, metadata={"help": "checkpointing"}
+    )
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "run directory"})
+    name: str = _f("", "config name (set from the YAML file)")
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotated type `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # `data.files=a.txt` means a one-element list
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            keys += _all_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; see `jaxlm train --help-config`"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def from_dict(raw: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Builds a (nested) dataclass from a plain dict, rejecting unknown keys and bad types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key))
+        tp = hints[key]
+        if _is_section(tp):
+            kwargs[key] = from_dict(value or {}, tp, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise _unknown_key(key)
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["train.steps=10", "model.dtype=bfloat16"]` -> nested dict with YAML-typed values."""
+    tree: dict[str, Any] = {}
+    valid = set(_all_keys())
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"expected key=value, got '{arg}'")
+        key, text = arg.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise _unknown_key(key)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        if value is None:
+            value = ""
+        _set_dotted(tree, key, value)
+    return tree
+
+
+# ---------------------------------------------------------------- files and presets
+
+def _configs_root():
+    try:
+        return importlib.resources.files("jaxlm.configs")
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_names() -> list[str]:
+    root = _configs_root()
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{name_or_path}' not found")
+        text, name = path.read_text(), path.stem
+    else:
+        res = _configs_root() / f"{name_or_path}.yaml"
+        if not res.is_file():
+            names = config_names()
+            near = difflib.get_close_matches(name_or_path, names, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise ConfigError(
+                f"no config named '{name_or_path}'; {hint}available: {', '.join(names)}"
+            )
+        text, name = res.read_text(), name_or_path
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config '{name_or_path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config '{name_or_path}' must be a mapping of keys")
+    return name, raw
+
+
+DEFAULT_CONFIG = "tiny"
+
+
+def load(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolves a config: schema defaults < preset < YAML file < overrides, then validates."""
+    from jaxlm.models.presets import preset_fields
+
+    name, file_raw = _read_yaml(name_or_path or DEFAULT_CONFIG)
+    over_raw = parse_overrides(overrides or [])
+    user = _merge(file_raw, over_raw)
+    preset = (user.get("model") or {}).get("preset", ModelConfig.preset)
+    raw = _merge({"model": preset_fields(str(preset))}, user)
+    raw.setdefault("name", name)
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def from_yaml_text(text: str) -> Config:
+    """Reads a resolved config.yaml (as written to a run directory)."""
+    cfg = from_dict(yaml.safe_load(text) or {})
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.family": ("decoder", "encoder", "encoder_decoder"),
+    "model.attention": ("reference", "xla", "auto"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.activation": ("gelu_tanh", "gelu", "relu", "silu"),
+    "model.position": ("learned", "rope", "sinusoidal", "none"),
+    "model.sinusoidal_layout": ("interleaved", "split"),
+    "model.remat": ("none", "full", "dots_saveable"),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the key and the fix."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: choose one of {', '.join(choices)}")
+    m, t = cfg.model, cfg.train
+    positive = ["model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
+                "model.vocab_size", "model.max_seq_len", "train.steps", "train.batch_size",
+                "train.seq_len", "train.log_every", "train.eval_batches",
+                "optim.grad_accum_steps", "checkpoint.every", "checkpoint.keep"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {_get(cfg, key)}")
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+            "change one of them or set model.head_dim"
+        )
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={kv}"
+        )
+    if m.position == "learned" and t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+            "lower train.seq_len or raise model.max_seq_len"
+        )
+    if m.local_every < 1:
+        raise ConfigError(f"model.local_every must be >= 1, got {m.local_every}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not 0 < cfg.data.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction must be in (0, 1), got {cfg.data.valid_fraction}")
+    for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+        if _get(cfg, key) == 0 or _get(cfg, key) < -1:
+            raise ConfigError(f"{key} must be a positive size or -1, got {_get(cfg, key)}")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0, got {t.eval_every}")
+
+
+# Keys a resumed run may change; anything else would make the checkpoint another model or run.
+RESUMABLE_PREFIXES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
+                      "checkpoint.", "run.", "mesh.", "data.files", "data.valid_files")
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf key of the schema."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+        else:
+            tname = getattr(tp, "__name__", str(tp)) if typing.get_origin(tp) is None else str(tp)
+            rows.append((prefix + f.name, tname, getattr(defaults, f.name), f.metadata["help"]))
+    return rows

@@ -1,0 +1,69 @@
+"""HF transformers checkpoints (safetensors + config.json) <-> jaxlm parameters.
+
+Each supported HF `model_type` has a module in this package that provides:
+
+    config_from_hf(hf_config: dict) -> dict            # jaxlm `model.*` fields
+    params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> params pytree
+    params_to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]
+    hf_config_from(cfg: ModelConfig) -> dict            # config.json for the HF class
+
+Parameters are built for `cfg.scan_layers` (stacked on a leading layer axis) or unrolled;
+`stack_layers`/`unstack_layers` convert between a list of per-layer trees and either layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import jax
+import numpy as np
+
+# HF model_type -> module in jaxlm.convert
+FAMILIES: dict[str, str] = {
+    "bert": "bert",
+    "roberta": "bert",
+    "gpt2": "gpt2",
+    "gpt_neo": "gpt_neo",
+    "llama": "llama",
+    "t5": "t5",
+    "bart": "bart",
+    "marian": "marian",
+}
+
+
+class ConversionError(ValueError):
+    """Unsupported architecture or a missing/mis-shaped tensor; the CLI exits with code 2."""
+
+
+def family_module(model_type: str):
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES)) or "none yet"
+        raise ConversionError(
+            f"HF architecture '{model_type}' is not supported; supported: {supported}")
+    return importlib.import_module(f"jaxlm.convert.{FAMILIES[model_type]}")
+
+
+def stack_layers(layers: list[Any], scan: bool, prefix: str = "layers") -> dict[str, Any]:
+    """Per-layer trees -> {'layers': stacked} (scan) or {'layers_0': ..., 'layers_1': ...}."""
+    if scan:
+        return {prefix: jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+    return {f"{prefix}_{i}": layer for i, layer in enumerate(layers)}
+
+
+def unstack_layers(stack: dict[str, Any], num_layers: int, prefix: str = "layers") -> list[Any]:
+    if prefix in stack:
+        return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], stack[prefix])
+                for i in range(num_layers)]
+    return [stack[f"{prefix}_{i}"] for i in range(num_layers)]
+
+
+def take(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...] | None = None
+         ) -> np.ndarray:
+    """A tensor by HF name, checked for presence and shape (named in the error)."""
+    if name not in tensors:
+        raise ConversionError(f"tensor '{name}' is missing from the checkpoint")
+    t = np.asarray(tensors[name], dtype=np.float32)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ConversionError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
+    return t

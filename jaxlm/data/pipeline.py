@@ -1,0 +1,261 @@
+"""Text -> token arrays -> deterministic, checkpointable language-model batches.
+
+The batch at global position p is a pure function of (seed, p): epoch = p // batches_per_epoch
+picks a window offset and a permutation of fixed-length windows. Resuming at position p
+therefore replays exactly the batches an uninterrupted run would have seen. Each process
+materialises only its own rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm.config import DataConfig
+
+
+class DataError(ValueError):
+    """Bad or missing training data; the CLI prints it and exits with code 2."""
+
+
+# ---------------------------------------------------------------- reading text
+
+def expand_files(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if Path(pattern).is_dir():
+            matches = sorted(str(p) for p in Path(pattern).rglob("*")
+                             if p.suffix in (".txt", ".jsonl", ".json") and p.is_file())
+            if not matches:
+                raise DataError(f"data directory '{pattern}' has no .txt/.jsonl files")
+        if not matches:
+            raise DataError(f"data file '{pattern}' not found")
+        files += [m for m in matches if Path(m).is_file()]
+    return files
+
+
+def read_texts(files: list[str], text_field: str = "text") -> list[str]:
+    """Documents from local .txt (one document per file) or .jsonl/.json files, via HF datasets."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    docs: list[str] = []
+    for f in files:
+        if f.endswith((".jsonl", ".json")):
+            try:
+                ds = datasets.load_dataset("json", data_files=f, split="train")
+            except Exception as e:  # datasets raises many types for malformed json
+                raise DataError(f"could not read '{f}' as JSON lines: {str(e)[:200]}") from None
+            if text_field not in ds.column_names:
+                raise DataError(f"'{f}' has no field '{text_field}' (fields: "
+                                f"{', '.join(ds.column_names)}); set data.text_field")
+            docs += [t for t in ds[text_field] if t]
+        else:
+            ds = datasets.load_dataset("text", data_files=f, split="train", sample_by="document")
+            docs += [t for t in ds["text"] if t]
+    if not any(d.strip() for d in docs):
+        raise DataError(f"no text in {', '.join(files)}: the corpus is empty")
+    return docs
+
+
+@dataclass
+class TextSplits:
+    train: list[str]
+    valid: list[str]
+    source: str
+
+
+def load_text(cfg: DataConfig, progress: bool = True) -> TextSplits:
+    """Training and validation documents from local files or a prepared corpus."""
+    if cfg.files:
+        train_docs = read_texts(expand_files(cfg.files), cfg.text_field)
+        if cfg.valid_files:
+            valid_docs = read_texts(expand_files(cfg.valid_files), cfg.text_field)
+        else:
+            train_docs, valid_docs = _hold_out(train_docs, cfg.valid_fraction)
+        return TextSplits(train_docs, valid_docs, ",".join(cfg.files))
+    from jaxlm.data.prepare import prepare
+
+    corpus = prepare(cfg.name, progress=progress)
+    return TextSplits([corpus.train.read_text("utf-8")], [corpus.valid.read_text("utf-8")],
+                      f"prepared:{cfg.name}")
+
+
+def _hold_out(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Last `fraction` of the documents (or of the characters, for one document)."""
+    if len(docs) >= 20:
+        n = max(1, int(len(docs) * fraction))
+        return docs[:-n], docs[-n:]
+    text = "\n".join(docs)
+    cut = int(len(text) * (1 - fraction))
+    if cut <= 0 or cut >= len(text):
+        raise DataError("the corpus is too small to hold out a validation split")
+    return [text[:cut]], [text[cut:]]
+
+
+def tokenize(docs: list[str], tokenizer) -> np.ndarray:
+    """Concatenated token ids of all documents, separated by EOS where the tokenizer has one."""
+    parts = []
+    for doc in docs:
+        parts.append(np.asarray(tokenizer.encode(doc), dtype=np.int32))
+        if tokenizer.eos_id is not None and len(docs) > 1:
+            parts.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
+    tokens = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+    return tokens
+
+
+# ---------------------------------------------------------------- batches
+
+@dataclass
+class LMBatches:
+    """Fixed-length windows of a token stream, shuffled per epoch; batch(p) is pure in p."""
+
+    tokens: np.ndarray
+    seq_len: int
+    batch_size: int  # global
+    seed: int = 0
+    shuffle: bool = True
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.process_count:
+            raise DataError(f"train.batch_size={self.batch_size} is not divisible by the "
+                            f"{self.process_count} processes")
+        if self.num_windows(0) < 1:
+            raise DataError(f"the corpus has {len(self.tokens)} tokens, fewer than one "
+                            f"sequence of train.seq_len={self.seq_len}+1")
+
+    def _offset(self, epoch: int) -> int:
+        if not self.shuffle:
+            return 0
+        return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.seq_len))
+
+    def num_windows(self, epoch: int) -> int:
+        return (len(self.tokens) - 1 - self._offset(epoch)) // self.seq_len
+
+    @property
+    def batches_per_epoch(self) -> int:
+        # Smallest over epochs' offsets, so every epoch has the same number of batches.
+        return max(1, (len(self.tokens) - self.seq_len) // self.seq_len // self.batch_size)
+
+    def rows(self, position: int) -> np.ndarray:
+        """Window indices of the global batch at `position` (all processes)."""
+        epoch, index = divmod(position, self.batches_per_epoch)
+        n = self.num_windows(epoch)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        idx = np.arange(index * self.batch_size, (index + 1) * self.batch_size) % n
+        return order[idx]
+
+    def batch(self, position: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch at `position`."""
+        rows = self.rows(position)
+        per = self.batch_size // self.process_count
+        rows = rows[self.process_index * per:(self.process_index + 1) * per]
+        starts = self._offset(position // self.batches_per_epoch) + rows * self.seq_len
+        windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
+                "loss_mask": np.ones((len(rows), self.seq_len), np.float32)}
+
+
+def for_family(batch: dict[str, np.ndarray], family: str, start_id: int) -> dict[str, np.ndarray]:
+    """Reshapes a causal-LM window batch for the other objectives.
+
+    encoder: the window itself, to be masked inside the step (masked LM).
+    encoder_decoder on plain text: continuation — the encoder reads the first half of the
+    window, the decoder (teacher-forced, starting from `start_id`) writes the second half.
+    """
+    if family == "decoder":
+        return batch
+    if family == "encoder":
+        return {"inputs": batch["inputs"], "loss_mask": batch["loss_mask"]}
+    half = batch["inputs"].shape[1] // 2
+    full = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+    src, tgt = full[:, :half], full[:, half:half + batch["inputs"].shape[1] - half]
+    return pair_batch(src, tgt, np.ones_like(src, np.float32), np.ones_like(tgt, np.float32),
+                      start_id)
+
+
+def pair_batch(src: np.ndarray, tgt: np.ndarray, src_mask: np.ndarray, tgt_mask: np.ndarray,
+               start_id: int) -> dict[str, np.ndarray]:
+    """Teacher forcing: the decoder input is the target shifted right behind `start_id`."""
+    tgt_in = np.concatenate([np.full((tgt.shape[0], 1), start_id, tgt.dtype), tgt[:, :-1]], 1)
+    return {"src": src, "src_mask": src_mask.astype(np.float32), "tgt_in": tgt_in,
+            "tgt_out": tgt, "loss_mask": tgt_mask.astype(np.float32)}
+
+
+def read_pairs(files: list[str], source_field: str, target_field: str) -> list[tuple[str, str]]:
+    """(source, target) pairs from .jsonl files, for translation-style training."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    pairs: list[tuple[str, str]] = []
+    for f in files:
+        try:
+            ds = datasets.load_dataset("json", data_files=f, split="train")
+        except Exception as e:  # datasets raises many types for malformed json
+            raise DataError(f"could not read '{f}' as JSON lines: {str(e)[:200]}") from None
+        missing = {source_field, target_field} - set(ds.column_names)
+        if missing:
+            raise DataError(f"'{f}' lacks field(s) {', '.join(sorted(missing))}; set "
+                            "data.source_field / data.target_field")
+        pairs += [(a, b) for a, b in zip(ds[source_field], ds[target_field]) if a and b]
+    if not pairs:
+        raise DataError(f"no (source, target) pairs in {', '.join(files)}")
+    return pairs
+
+
+@dataclass
+class PairBatches:
+    """Padded (source, target) pairs, shuffled per epoch; batch(p) is pure in p."""
+
+    src: np.ndarray  # [N, S] padded with pad_id
+    src_mask: np.ndarray
+    tgt: np.ndarray  # [N, T] padded; ends with EOS where it fits
+    tgt_mask: np.ndarray
+    batch_size: int
+    start_id: int
+    seed: int = 0
+    shuffle: bool = True
+    process_index: int = 0
+    process_count: int = 1
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, str]], tokenizer, seq_len: int, batch_size: int,
+                   start_id: int, **kw) -> PairBatches:
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+
+        def pad_to(seqs):
+            arr = np.full((len(seqs), seq_len), pad, np.int32)
+            mask = np.zeros((len(seqs), seq_len), np.float32)
+            for i, ids in enumerate(seqs):
+                ids = ids[:seq_len]
+                arr[i, :len(ids)] = ids
+                mask[i, :len(ids)] = 1.0
+            return arr, mask
+
+        src, src_mask = pad_to([tokenizer.encode(a) + eos for a, _ in pairs])
+        tgt, tgt_mask = pad_to([tokenizer.encode(b) + eos for _, b in pairs])
+        return cls(src, src_mask, tgt, tgt_mask, batch_size, start_id, **kw)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, len(self.src) // self.batch_size)
+
+    def batch(self, position: int) -> dict[str, np.ndarray]:
+        epoch, index = divmod(position, self.batches_per_epoch)
+        n = len(self.src)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        rows = order[np.arange(index * self.batch_size, (index + 1) * self.batch_size) % n]
+        per = self.batch_size // self.process_count
+        rows = rows[self.process_index * per:(self.process_index + 1) * per]
+        return pair_batch(self.src[rows], self.tgt[rows], self.src_mask[rows],
+                          self.tgt_mask[rows], self.start_id)

@@ -1,0 +1,88 @@
+"""From a config to the tokenizer and the train/validation batch sources the loop consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from jaxlm.config import Config, ConfigError
+from jaxlm.data import pipeline
+from jaxlm.data.tokenizers import Tokenizer, from_name, load_tokenizer
+
+
+@dataclass
+class TrainData:
+    tokenizer: Tokenizer
+    train: pipeline.LMBatches | pipeline.PairBatches
+    valid: pipeline.LMBatches | pipeline.PairBatches
+    bytes_per_token: float  # of the validation text, for bits per byte
+    description: str
+
+
+def _uses_pairs(cfg: Config) -> bool:
+    return cfg.model.family == "encoder_decoder" and any(
+        f.endswith((".jsonl", ".json")) for f in cfg.data.files)
+
+
+def _tokenizer(cfg: Config, run_dir: Path, texts: list[str]) -> Tokenizer:
+    saved = run_dir / "tokenizer"
+    tok = load_tokenizer(saved) if saved.exists() else from_name(
+        cfg.data.tokenizer, texts=texts, vocab_size=cfg.data.bpe_vocab_size)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but "
+                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    if cfg.model.family == "encoder" and tok.mask_id is None:
+        raise ConfigError("masked-LM training needs a tokenizer with a mask token; "
+                          f"data.tokenizer='{cfg.data.tokenizer}' has none")
+    return tok
+
+
+def start_id(tok: Tokenizer) -> int:
+    """The decoder's first input for seq2seq: BOS, else PAD, else 0."""
+    for i in (tok.bos_id, tok.pad_id):
+        if i is not None:
+            return i
+    return 0
+
+
+def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
+    t = cfg.train
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if _uses_pairs(cfg):
+        train_pairs = pipeline.read_pairs(pipeline.expand_files(cfg.data.files),
+                                          cfg.data.source_field, cfg.data.target_field)
+        if cfg.data.valid_files:
+            valid_pairs = pipeline.read_pairs(pipeline.expand_files(cfg.data.valid_files),
+                                              cfg.data.source_field, cfg.data.target_field)
+        else:
+            n = max(1, int(len(train_pairs) * cfg.data.valid_fraction))
+            train_pairs, valid_pairs = train_pairs[:-n], train_pairs[-n:]
+        tok = _tokenizer(cfg, run_dir, [x for p in train_pairs for x in p])
+        sid = start_id(tok)
+        train = pipeline.PairBatches.from_pairs(train_pairs, tok, t.seq_len, t.batch_size, sid,
+                                                seed=cfg.seed, **proc)
+        valid = pipeline.PairBatches.from_pairs(valid_pairs, tok, t.seq_len, t.batch_size, sid,
+                                                shuffle=False, **proc)
+        valid_bytes = sum(len(b.encode("utf-8")) for _, b in valid_pairs)
+        bpt = valid_bytes / max(float(valid.tgt_mask.sum()), 1.0)
+        return TrainData(tok, train, valid, bpt, f"pairs: train={len(train_pairs):,} "
+                         f"valid={len(valid_pairs):,}")
+    texts = pipeline.load_text(cfg.data, progress=progress)
+    tok = _tokenizer(cfg, run_dir, texts.train)
+    train_tokens = pipeline.tokenize(texts.train, tok)
+    valid_tokens = pipeline.tokenize(texts.valid, tok)
+    train = pipeline.LMBatches(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, **proc)
+    valid = pipeline.LMBatches(valid_tokens, t.seq_len, t.batch_size, shuffle=False, **proc)
+    valid_bytes = sum(len(x.encode("utf-8")) for x in texts.valid)
+    return TrainData(tok, train, valid, valid_bytes / max(len(valid_tokens), 1),
+                     f"tokens: train={len(train_tokens):,} valid={len(valid_tokens):,}")
+
+
+def batch_at(data: TrainData, source, position: int, family: str) -> dict:
+    """The host-local batch at `position` in the layout the family's objective expects."""
+    b = source.batch(position)
+    if isinstance(source, pipeline.PairBatches):
+        return b
+    return pipeline.for_family(b, family, start_id(data.tokenizer))

@@ -1,0 +1,66 @@
+"""Held-out evaluation: loss, perplexity, bits per byte (and MLM accuracy), used by the
+training loop and by `jaxlm eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from jaxlm import sharding
+from jaxlm.config import MeshConfig
+from jaxlm.data import setup as data_setup
+from jaxlm.objectives import loss_for
+from jaxlm.train import rundir
+from jaxlm.train.state import param_shardings
+from jaxlm.train.step import jit_eval_step, make_eval_step
+
+
+def heldout_metrics(eval_step: Callable, params: Any, data: data_setup.TrainData, mesh: Mesh,
+                    num_batches: int, family: str) -> dict[str, float]:
+    """Sums the eval step's counts over the first `num_batches` validation batches."""
+    sums: dict[str, float] = {}
+    for i in range(num_batches):
+        batch = data_setup.batch_at(data, data.valid, i, family)
+        out = eval_step(params, sharding.host_batch_to_global(batch, mesh))
+        for k, v in jax.device_get(out).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(sums.get("num_tokens", 0.0), 1.0)
+    loss = sums.get("nll_sum", float("nan")) / n
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+              "eval_bits_per_byte": loss / math.log(2) / data.bytes_per_token}
+    if "num_correct" in sums:
+        result["eval_accuracy"] = sums["num_correct"] / n
+    return result
+
+
+def evaluate_run(run_dir: str | Path, max_batches: int = 0) -> dict[str, Any]:
+    """Evaluates a run's newest checkpoint on its whole validation split (or `max_batches`);
+    appends the result to metrics.jsonl and writes eval.json."""
+    from jaxlm.api import load
+
+    run_dir = Path(run_dir)
+    lm = load(run_dir)
+    cfg = lm.config
+    data = data_setup.build(cfg, run_dir, progress=False)
+    n = data.valid.batches_per_epoch
+    n = min(n, max_batches) if max_batches else n
+    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    loss_fn = loss_for(cfg.model.family, mask_id=data.tokenizer.mask_id,
+                       vocab_size=data.tokenizer.vocab_size)
+    with jax.set_mesh(mesh):
+        _, shardings = param_shardings(lm.model, mesh)
+        params = jax.device_put(lm.params, shardings)
+        step = jit_eval_step(make_eval_step(lm.model, loss_fn), shardings, mesh)
+        results = heldout_metrics(step, params, data, mesh, n, cfg.model.family)
+    ckpts = run_dir / rundir.CHECKPOINT_DIR
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+    results = {"step": max(steps, default=0), **results, "eval_batches": n}
+    rundir.MetricsWriter(run_dir).write({**results, "kind": "eval"})
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

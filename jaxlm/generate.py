@@ -1,0 +1,91 @@
+"""Jit-compiled sampling for decoder-only models: greedy, temperature, top-k, top-p.
+
+Prompts are left-padded to one length; positions restart at each prompt's first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k / the top-p nucleus to -inf (the top token always stays)."""
+    neg = jnp.finfo(logits_BV.dtype).min
+    if top_k and top_k > 0:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        # Keep a token if the probability mass strictly before it is < top_p.
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff, neg, logits_BV)
+    return logits_BV
+
+
+def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+    logits_BV = logits_BV.astype(jnp.float32)
+    if temperature <= 0:
+        return jnp.argmax(logits_BV, axis=-1)
+    logits_BV = filter_logits(logits_BV / temperature, top_k, top_p)
+    return jax.random.categorical(rng, logits_BV, axis=-1)
+
+
+@partial(jax.jit, static_argnames=("model", "prompt_len", "temperature", "top_k", "top_p"))
+def _decode(model: nn.Module, params: Any, buf_BL: jax.Array, valid_BL: jax.Array,
+            rng: jax.Array, eos_id: int, *, prompt_len: int, temperature: float, top_k: int,
+            top_p: float) -> jax.Array:
+    L = buf_BL.shape[1]
+
+    def body(i, carry):
+        buf, valid, done = carry
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        logits = model.apply({"params": params}, buf, positions_BT=positions,
+                             padding_mask_BT=valid)
+        nxt = sample(logits[:, i - 1], jax.random.fold_in(rng, i), temperature, top_k, top_p)
+        nxt = jnp.where(done, eos_id, nxt).astype(buf.dtype)
+        buf = buf.at[:, i].set(nxt)
+        valid = valid.at[:, i].set(~done)
+        return buf, valid, done | (nxt == eos_id)
+
+    done = jnp.zeros((buf_BL.shape[0],), bool)
+    buf, _, _ = jax.lax.fori_loop(prompt_len, L, body, (buf_BL, valid_BL, done))
+    return buf
+
+
+def generate_ids(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int, max_len: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                 pad_id: int = 0) -> list[list[int]]:
+    """Continues each prompt by up to `max_new_tokens` ids (stopping after EOS)."""
+    prompts = [list(p)[-(max_len - 1):] for p in prompts]  # keep room for one new token
+    P = max(len(p) for p in prompts)
+    if P == 0:
+        raise ValueError("empty prompt")
+    L = min(P + max_new_tokens, max_len)
+    buf = np.full((len(prompts), L), pad_id, np.int32)
+    valid = np.zeros((len(prompts), L), bool)
+    for b, p in enumerate(prompts):
+        buf[b, P - len(p):P] = p
+        valid[b, P - len(p):P] = True
+    out = _decode(model, params, jnp.asarray(buf), jnp.asarray(valid), jax.random.PRNGKey(seed),
+                  -1 if eos_id is None else eos_id, prompt_len=P, temperature=float(temperature),
+                  top_k=int(top_k or 0), top_p=float(top_p))
+    out = np.asarray(out)
+    results = []
+    for row in out:
+        new = row[P:].tolist()
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id)]
+        results.append(new)
+    return results

@@ -1,0 +1,135 @@
+"""Building blocks: projections, embeddings, norms and MLPs, each parameter tagged with
+logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp) for sharding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+
+
+def normal_init(std: float, axes: Axes) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: Axes) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: Axes) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+class Projection(nn.Module):
+    """x[..., in_features] @ kernel[in_features, *features] (+ bias), in the compute dtype."""
+
+    features: Sequence[int]
+    kernel_axes: Axes
+    in_axes: int = 1  # trailing input axes contracted (2 for heads × head_dim -> embed)
+    use_bias: bool = True
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[-self.in_axes:]
+        kernel = self.param("kernel", normal_init(self.std, self.kernel_axes),
+                            (*in_shape, *self.features), self.param_dtype)
+        contract = tuple(range(x.ndim - self.in_axes, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((contract, tuple(range(self.in_axes))), ((), ())))
+        if self.use_bias:
+            bias_axes = self.kernel_axes[self.in_axes:]
+            bias = self.param("bias", zeros_init(bias_axes), tuple(self.features),
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]; `attend` is the tied output projection."""
+
+    num_embeddings: int
+    features: int
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    axes: Axes = ("vocab", "embed")
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", normal_init(self.std, self.axes),
+                                    (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", x_BTD.astype(self.dtype),
+                          self.embedding.astype(self.dtype))
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm (no mean subtraction, no bias), computed in float32."""
+
+    kind: str = "layernorm"
+    eps: float = 1e-5
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        D = x.shape[-1]
+        scale = self.param("scale", ones_init(("embed",)), (D,), self.param_dtype)
+        if self.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", zeros_init(("embed",)), (D,),
+                               self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+class Mlp(nn.Module):
+    """wo(act(wi x)) or, gated, wo(act(wi_gate x) * wi_up x) (SwiGLU with silu)."""
+
+    d_ff: int
+    activation: str = "gelu_tanh"
+    gated: bool = False
+    use_bias: bool = True
+    std: float = 0.02
+    out_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        D = x_BTD.shape[-1]
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        act = ACTIVATIONS[self.activation]
+        if self.gated:
+            gate = Projection((self.d_ff,), ("embed", "mlp"), std=self.std, name="wi_gate", **kw)
+            up = Projection((self.d_ff,), ("embed", "mlp"), std=self.std, name="wi_up", **kw)
+            h_BTF = act(gate(x_BTD)) * up(x_BTD)
+        else:
+            h_BTF = act(Projection((self.d_ff,), ("embed", "mlp"), std=self.std, name="wi",
+                                   **kw)(x_BTD))
+        h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "act_mlp"))
+        return Projection((D,), ("mlp", "embed"), std=self.out_std, name="wo", **kw)(h_BTF)

@@ -1,0 +1,182 @@
+"""Transformer blocks and stacks. Flax modules hold structure; the math lives in
+attention.py and layers.py. Activations carry logical-axis constraints at block boundaries."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig
+from jaxlm.models import attention as attn
+from jaxlm.models.layers import Embed, Mlp, Norm, Projection, normal_init
+
+ACT_AXES = ("batch", "length", "act_embed")
+
+
+def dtypes(cfg: ModelConfig) -> dict:
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+def out_std(cfg: ModelConfig) -> float:
+    # GPT-2's scaled init of residual projections: std / sqrt(2 * layers).
+    return cfg.init_std / (2 * cfg.num_layers) ** 0.5
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with separate q/k/v projections [embed, heads, head_dim]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, kv_BSD, mask_BTS, q_pos_BT, kv_pos_BS, bias_BNTS=None):
+        cfg = self.cfg
+        N, K, H = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg)
+        kw = dict(use_bias=cfg.use_bias, std=cfg.init_std, **dtypes(cfg))
+        q = Projection((N, H), ("embed", "heads", "head_dim"), name="query", **kw)(x_BTD)
+        k = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="key", **kw)(kv_BSD)
+        v = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="value", **kw)(kv_BSD)
+        if cfg.position == "rope":
+            q = attn.rope(q, q_pos_BT, cfg.rope_theta)
+            k = attn.rope(k, kv_pos_BS, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+        scale = cfg.attention_scale or None
+        out_BTNH = attn.attention(q, k, v, mask_BTS, bias_BNTS, scale=scale, impl=cfg.attention)
+        kw["std"] = out_std(cfg)
+        return Projection((x_BTD.shape[-1],), ("heads", "head_dim", "embed"), in_axes=2,
+                          name="out", **kw)(out_BTNH)
+
+
+class Block(nn.Module):
+    """One layer: self-attention, optional cross-attention, MLP; pre- or post-norm residuals."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+    cross: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD, layer_idx, mask_BTS, pos_BT, enc_BSD=None, enc_mask_BTS=None,
+                 enc_pos_BS=None, bias_BNTS=None, local_mask_BTS=None):
+        cfg = self.cfg
+        if local_mask_BTS is not None:  # GPT-3: every local_every-th layer attends locally
+            is_local = layer_idx % cfg.local_every == cfg.local_every - 1
+            mask_BTS = jnp.where(is_local, local_mask_BTS, mask_BTS)
+        norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name=name, **dtypes(cfg))
+        drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+        pre = cfg.norm_position == "pre"
+
+        def residual(x, fn, norm_name):
+            if pre:
+                return x + drop(fn(norm(norm_name)(x)))
+            return norm(norm_name)(x + drop(fn(x)))
+
+        x_BTD = residual(x_BTD, lambda h: Attention(cfg, name="attn")(
+            h, h, mask_BTS, pos_BT, pos_BT, bias_BNTS), "ln_attn")
+        if self.cross:
+            x_BTD = residual(x_BTD, lambda h: Attention(cfg, name="cross_attn")(
+                h, enc_BSD, enc_mask_BTS, pos_BT, enc_pos_BS), "ln_cross")
+        mlp = Mlp(cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.use_bias, cfg.init_std,
+                  out_std(cfg), name="mlp", **dtypes(cfg))
+        x_BTD = residual(x_BTD, mlp, "ln_mlp")
+        return nn.with_logical_constraint(x_BTD, ACT_AXES), None
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+class Stack(nn.Module):
+    """`num_layers` Blocks, scanned (params stacked on a leading 'layers' axis) or unrolled."""
+
+    cfg: ModelConfig
+    num_layers: int
+    deterministic: bool = True
+    cross: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD, mask_BTS, pos_BT, enc_BSD=None, enc_mask_BTS=None, enc_pos_BS=None,
+                 bias_BNTS=None, local_mask_BTS=None):
+        """bias_BNTS (e.g. T5's relative position bias) is shared by all layers' self-attention;
+        local_mask_BTS replaces mask_BTS in every `cfg.local_every`-th layer."""
+        cfg = self.cfg
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+        args = (mask_BTS, pos_BT, enc_BSD, enc_mask_BTS, enc_pos_BS, bias_BNTS, local_mask_BTS)
+        if cfg.scan_layers:
+            scanned = nn.scan(block, variable_axes={"params": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(0,) + (nn.broadcast,) * len(args), length=self.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTD, _ = scanned(cfg, self.deterministic, self.cross, name="layers")(
+                x_BTD, jnp.arange(self.num_layers), *args)
+            return x_BTD
+        for i in range(self.num_layers):
+            x_BTD, _ = block(cfg, self.deterministic, self.cross, name=f"layers_{i}")(
+                x_BTD, i, *args)
+        return x_BTD
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only language model (GPT-2 / GPT-3 / Llama layouts). Returns logits [B, T, V]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
+                 padding_mask_BT=None, deterministic: bool = True):
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, name="embed", **dtypes(cfg))
+        x_BTD = embed(tokens_BT)
+        if cfg.position == "learned":
+            pos_table = self.param("pos_embed", normal_init(cfg.init_std / 2, (None, "embed")),
+                                   (cfg.max_seq_len, cfg.d_model), jnp.dtype(cfg.param_dtype))
+            x_BTD = x_BTD + jnp.take(pos_table, positions_BT, axis=0).astype(x_BTD.dtype)
+        elif cfg.position == "sinusoidal":
+            table = attn.sinusoidal_positions(cfg.max_seq_len, cfg.d_model)
+            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(x_BTD.dtype)
+        x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+        x_BTD = nn.with_logical_constraint(x_BTD, ACT_AXES)
+
+        mask_BTS = jnp.broadcast_to(attn.causal_mask(T, T), (B, T, T))
+        if segment_ids_BT is not None:
+            mask_BTS = mask_BTS & attn.segment_mask(segment_ids_BT, segment_ids_BT)
+        if padding_mask_BT is not None:
+            mask_BTS = mask_BTS & attn.padding_mask(padding_mask_BT, T)
+
+        local_BTS = None
+        if cfg.local_window:
+            local_BTS = mask_BTS & attn.local_window_mask(T, T, cfg.local_window)
+        x_BTD = Stack(cfg, cfg.num_layers, deterministic, name="decoder")(
+            x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS)
+        if cfg.norm_position == "pre":
+            x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name="ln_final",
+                         **dtypes(cfg))(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = Projection((cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
+                                    std=cfg.init_std, name="lm_head", **dtypes(cfg))(x_BTD)
+        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "decoder":
+        return DecoderLM(cfg)
+    if cfg.family == "encoder":
+        from jaxlm.models.encoder import EncoderMLM
+
+        return EncoderMLM(cfg)
+    from jaxlm.models.seq2seq import EncoderDecoder
+
+    return EncoderDecoder(cfg)

@@ -1,0 +1,112 @@
+"""Training objectives: token cross entropy in float32; causal LM, masked LM (BERT/RoBERTa
+dynamic masking) and seq2seq teacher forcing."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(
+    logits_BTV: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean over unmasked tokens of -log p(target); returns (loss, {nll_sum, num_tokens}).
+
+    The log-softmax runs in float32 whatever the logits' dtype.
+    """
+    logits = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = log_z_BT - target_logit_BT
+    loss_BT = nll_BT
+    if label_smoothing:
+        mean_logit_BT = jnp.mean(logits, axis=-1)
+        loss_BT = (1 - label_smoothing) * nll_BT + label_smoothing * (log_z_BT - mean_logit_BT)
+    if z_loss:
+        loss_BT = loss_BT + z_loss * jnp.square(log_z_BT)
+    mask = jnp.ones_like(nll_BT) if mask_BT is None else mask_BT.astype(jnp.float32)
+    num_tokens = jnp.sum(mask)
+    denom = jnp.maximum(num_tokens, 1.0)
+    loss = jnp.sum(loss_BT * mask) / denom
+    return loss, {"nll_sum": jnp.sum(nll_BT * mask), "num_tokens": num_tokens}
+
+
+def causal_lm_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], *,
+                   rng: jax.Array | None = None, deterministic: bool = True,
+                   label_smoothing: float = 0.0, z_loss: float = 0.0):
+    """Next-token loss on a batch {inputs, targets, loss_mask[, positions, segment_ids]}."""
+    logits = apply_fn(
+        {"params": params}, batch["inputs"],
+        positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"),
+        deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
+    )
+    return cross_entropy(logits, batch["targets"], batch.get("loss_mask"),
+                         label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def mask_tokens(tokens_BT: jax.Array, maskable_BT: jax.Array, rng: jax.Array, *, mask_id: int,
+                vocab_size: int, rate: float = 0.15) -> tuple[jax.Array, jax.Array]:
+    """BERT's corruption: pick `rate` of the maskable tokens; of those 80% -> [MASK],
+    10% -> a random token, 10% unchanged. Returns (corrupted inputs, picked mask)."""
+    pick_rng, kind_rng, tok_rng = jax.random.split(rng, 3)
+    picked = (jax.random.uniform(pick_rng, tokens_BT.shape) < rate) & maskable_BT
+    kind = jax.random.uniform(kind_rng, tokens_BT.shape)
+    random_tokens = jax.random.randint(tok_rng, tokens_BT.shape, 0, vocab_size, tokens_BT.dtype)
+    corrupted = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, random_tokens, tokens_BT))
+    return jnp.where(picked, corrupted, tokens_BT), picked
+
+
+def masked_lm_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], *,
+                   rng: jax.Array | None = None, deterministic: bool = True, mask_id: int,
+                   vocab_size: int, rate: float = 0.15, label_smoothing: float = 0.0,
+                   z_loss: float = 0.0):
+    """Masked-LM loss on {inputs, loss_mask}: the masking is drawn from `rng` inside the step,
+    so every step re-masks (RoBERTa's dynamic masking); evaluation uses a fixed key."""
+    tokens = batch["inputs"]
+    maskable = batch["loss_mask"] > 0
+    mask_rng = jax.random.PRNGKey(0) if rng is None else jax.random.fold_in(rng, 1)
+    inputs, picked = mask_tokens(tokens, maskable, mask_rng, mask_id=mask_id,
+                                 vocab_size=vocab_size, rate=rate)
+    logits = apply_fn({"params": params}, inputs, padding_mask_BT=maskable,
+                      deterministic=deterministic,
+                      rngs=None if rng is None else {"dropout": rng})
+    loss, aux = cross_entropy(logits, tokens, picked, label_smoothing=label_smoothing,
+                              z_loss=z_loss)
+    correct = (jnp.argmax(logits, -1) == tokens) & picked
+    return loss, {**aux, "num_correct": jnp.sum(correct.astype(jnp.float32))}
+
+
+def seq2seq_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], *,
+                 rng: jax.Array | None = None, deterministic: bool = True,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0):
+    """Teacher forcing on {src, src_mask, tgt_in, tgt_out, loss_mask}: the decoder reads the
+    target shifted right (tgt_in) and predicts tgt_out."""
+    logits = apply_fn({"params": params}, batch["src"], batch["tgt_in"],
+                      src_padding_mask_BS=batch["src_mask"] > 0,
+                      tgt_padding_mask_BT=batch["loss_mask"] > 0,
+                      deterministic=deterministic,
+                      rngs=None if rng is None else {"dropout": rng})
+    return cross_entropy(logits, batch["tgt_out"], batch["loss_mask"],
+                         label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def loss_for(family: str, *, mask_id: int | None = None, vocab_size: int = 0,
+             label_smoothing: float = 0.0, z_loss: float = 0.0) -> Callable:
+    """The objective that fits a model family: causal LM, masked LM or seq2seq."""
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    if family == "decoder":
+        return functools.partial(causal_lm_loss, **kw)
+    if family == "encoder":
+        if mask_id is None:
+            raise ValueError("masked-LM training needs a tokenizer with a mask token")
+        return functools.partial(masked_lm_loss, mask_id=mask_id, vocab_size=vocab_size, **kw)
+    return functools.partial(seq2seq_loss, **kw)

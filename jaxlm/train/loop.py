@@ -1,0 +1,215 @@
+"""The training loop: data -> sharded state -> jitted steps, with logging, evaluation,
+checkpoints, resume and preemption. Metrics are fetched from the device only at log steps."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxlm import sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import Config, ConfigError
+from jaxlm.data import setup as data_setup
+from jaxlm.evaluate import heldout_metrics
+from jaxlm.models.transformer import build_model
+from jaxlm.objectives import loss_for
+from jaxlm.optim import lr_schedule, make_optimizer
+from jaxlm.train import rundir
+from jaxlm.train.state import count_params, init_state, state_shardings
+from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    steps: int
+    params: int
+    train_loss: float = float("nan")
+    eval_loss: float = float("nan")
+    best_eval_loss: float = float("nan")
+    eval_bits_per_byte: float = float("nan")
+    tokens_per_sec: float = float("nan")
+    wall_seconds: float = 0.0
+    last_checkpoint: str = ""
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Preemption:
+    """SIGTERM/SIGINT ask the loop to finish the current step, save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Preemption:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the handlers alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet and _is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
+    """Trains `cfg` in `run_dir` (resuming from its newest checkpoint) and returns a summary."""
+    t_start = time.time()
+    quiet = cfg.run.quiet
+    data = data_setup.build(cfg, run_dir, progress=not quiet)
+    tokenizer, family = data.tokenizer, cfg.model.family
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    dp = sharding.data_parallel_size(mesh)
+    if cfg.train.batch_size % (dp * cfg.optim.grad_accum_steps):
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
+            f"size {dp} × optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
+    eval_batches = min(cfg.train.eval_batches, data.valid.batches_per_epoch)
+    loss_fn = loss_for(family, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                       label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss)
+    if family == "encoder":
+        loss_fn = functools.partial(loss_fn, rate=cfg.train.mlm_rate)
+
+    model = build_model(cfg.model)
+    schedule = lr_schedule(cfg.optim, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+
+    if _is_main():
+        rundir.write_config(run_dir, cfg)
+        if not (run_dir / rundir.TOKENIZER_DIR).exists():
+            tokenizer.save(run_dir / rundir.TOKENIZER_DIR)
+    metrics_out = rundir.MetricsWriter(run_dir, enabled=_is_main())
+    ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    summary = Summary(run_dir=str(run_dir), steps=0, params=0)
+    with jax.set_mesh(mesh), _Preemption() as preempt:
+        abstract, shardings = state_shardings(model, tx, mesh)
+        position = 0
+        if ckpt.latest_step() is not None:
+            step0, state, data_state = ckpt.restore(abstract)
+            position = int(data_state.get("position", step0))
+            _say(f"resumed {run_dir} from step {step0}", False)
+        else:
+            state = init_state(model, tx, mesh, cfg.seed)
+        summary.params = count_params(state.params)
+        start = int(state.step)
+        _say(f"model: {cfg.model.preset} family={cfg.model.family} "
+             f"params={summary.params / 1e6:.2f}M  mesh={dict(mesh.shape)}  "
+             f"devices={jax.device_count()} ({jax.devices()[0].platform})  "
+             f"{data.description}", quiet)
+
+        train_step = jit_train_step(
+            make_train_step(model, tx, schedule, grad_accum_steps=cfg.optim.grad_accum_steps,
+                            loss_fn=loss_fn), shardings, mesh)
+        eval_step = jit_eval_step(make_eval_step(model, loss_fn), shardings.params, mesh)
+
+        def evaluate(params) -> dict[str, float]:
+            return heldout_metrics(eval_step, params, data, mesh, eval_batches, family)
+
+        total = cfg.train.steps
+        bar = tqdm(total=total, initial=start, disable=quiet or not sys.stderr.isatty()
+                   or not _is_main(), dynamic_ncols=True, desc="train", unit="step",
+                   file=sys.stderr)
+        plain_every = max(cfg.train.log_every, total // 20)
+        t_log, tokens_since, pending = time.time(), 0, []
+        tokens_per_step = cfg.train.batch_size * cfg.train.seq_len  # positions processed
+        step = start
+        for step in range(start + 1, total + 1):
+            batch = sharding.host_batch_to_global(
+                data_setup.batch_at(data, data.train, position, family), mesh)
+            state, metrics = train_step(state, batch)
+            position += 1
+            tokens_since += tokens_per_step
+            pending.append(metrics)
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total or preempt.requested:
+                fetched = jax.device_get(pending)  # one sync per log interval
+                now = time.time()
+                tps = tokens_since / max(now - t_log, 1e-9)
+                m = fetched[-1]
+                row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
+                       "grad_norm": float(m["grad_norm"]), "tokens_per_sec": round(tps, 1),
+                       "bad_steps": int(sum(int(f["bad_step"]) for f in fetched))}
+                metrics_out.write(row)
+                summary.history.append(row)
+                summary.train_loss, summary.tokens_per_sec = row["loss"], tps
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                if bar.disable and (step % plain_every == 0 or step == total):
+                    _say(f"step {step}/{total} loss {row['loss']:.4f} "
+                         f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} "
+                         f"tokens/s {tps:,.0f}", quiet)
+                t_log, tokens_since, pending = time.time(), 0, []
+            eval_now = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total
+            if eval_now:
+                ev = evaluate(state.params)
+                metrics_out.write({"step": step, **ev})
+                summary.history.append({"step": step, **ev})
+                summary.eval_loss, summary.eval_bits_per_byte = ev["eval_loss"], \
+                    ev["eval_bits_per_byte"]
+                if not summary.best_eval_loss <= ev["eval_loss"]:
+                    summary.best_eval_loss = ev["eval_loss"]
+                msg = (f"step {step}: eval_loss {ev['eval_loss']:.4f} "
+                       f"({ev['eval_bits_per_byte']:.3f} bits/byte)")
+                bar.write(msg, file=sys.stderr) if not bar.disable else _say(msg, quiet)
+                t_log = time.time()  # evaluation time is not training throughput
+            if step % cfg.checkpoint.every == 0 or step == total or preempt.requested:
+                ckpt.save(step, state, {"position": position}, force=True)
+            if preempt.requested:
+                summary.stopped_early = True
+                break
+        bar.close()
+        ckpt.close()
+    summary.steps = step
+    if ckpt.latest_step() is not None:
+        summary.last_checkpoint = str(ckpt.directory / str(ckpt.latest_step()))
+    summary.wall_seconds = time.time() - t_start
+    if summary.stopped_early:
+        _say(f"stopped by signal after step {step}; checkpoint saved at "
+             f"{summary.last_checkpoint}. Run the same command to resume.", False)
+    if np.isnan(summary.best_eval_loss):
+        best = [r["eval_loss"] for r in rundir.read_metrics(run_dir) if "eval_loss" in r]
+        summary.best_eval_loss = min(best) if best else float("nan")
+    return summary
+
+
+def format_summary(s: Summary) -> str:
+    lines = [
+        "─" * 60,
+        f" run          {s.run_dir}",
+        f" steps        {s.steps}   params {s.params / 1e6:.2f}M   wall {s.wall_seconds:.0f}s",
+        f" train loss   {s.train_loss:.4f}",
+        f" eval loss    {s.eval_loss:.4f}  (best {s.best_eval_loss:.4f}, "
+        f"{s.eval_bits_per_byte:.3f} bits/byte)",
+        f" tokens/s     {s.tokens_per_sec:,.0f}",
+        f" checkpoint   {s.last_checkpoint or '-'}",
+        f" next         jaxlm generate --run {s.run_dir} --prompt \"ROMEO:\"",
+        "─" * 60,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The run directory: config.yaml, metrics.jsonl, tokenizer/, checkpoints/.
+
+Resolving a config against an existing run directory happens before anything is written,
+so a refused resume leaves the directory untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from jaxlm import config as config_lib
+from jaxlm.config import Config, ConfigError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def default_dir(cfg: Config) -> Path:
+    return Path("runs") / (cfg.name or "run")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resolve(config_name: str | None, overrides: list[str]) -> tuple[Config, Path, bool]:
+    """(config, run dir, resuming?). An existing run dir's saved config wins; overrides may
+    only change what a resumed run can change (steps, logging, checkpointing, mesh)."""
+    cfg = config_lib.load(config_name, overrides)
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_dir(cfg)
+    saved_file = run_dir / CONFIG_FILE
+    if not saved_file.exists():
+        cfg.run.dir = str(run_dir)
+        return cfg, run_dir, False
+    try:
+        saved = config_lib.from_yaml_text(saved_file.read_text())
+    except ConfigError as e:
+        raise ConfigError(f"{saved_file} is not a valid jaxlm config: {e}") from None
+    given = {k for a in overrides for k in [a.split("=", 1)[0].strip()]}
+    resumed_raw = config_lib._merge(config_lib.to_dict(saved), config_lib.parse_overrides(
+        overrides))
+    resumed = config_lib.from_dict(resumed_raw)
+    config_lib.validate(resumed)
+    old, new = _flatten(config_lib.to_dict(saved)), _flatten(config_lib.to_dict(resumed))
+    for key in sorted(given):
+        if old.get(key) != new.get(key) and not key.startswith(config_lib.RESUMABLE_PREFIXES):
+            what = "the model shape" if key.startswith("model.") else "the run"
+            raise ConfigError(
+                f"{run_dir} already holds a run with {key}={old.get(key)!r}; "
+                f"{key}={new.get(key)!r} would change {what}. Use a new run.dir, or drop "
+                f"the override to resume")
+    if config_name is not None:
+        explicit = config_lib.load(config_name, [])
+        if config_lib.to_dict(explicit.model) != config_lib.to_dict(saved.model):
+            raise ConfigError(
+                f"{run_dir} holds a run of another model than config '{config_name}'; "
+                "use a new run.dir")
+    resumed.run.dir = str(run_dir)
+    return resumed, run_dir, True
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(config_lib.dump(cfg))
+    tmp.replace(run_dir / CONFIG_FILE)
+
+
+def load_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"'{run_dir}' is not a jaxlm run directory (no {CONFIG_FILE})")
+    return config_lib.from_yaml_text(path.read_text())
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricsWriter:
+    """Appends one JSON object per row to metrics.jsonl (only on process 0)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in row.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

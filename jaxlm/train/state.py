@@ -1,0 +1,91 @@
+"""TrainState, and its shardings derived from the parameters' logical annotations."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxlm import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2]: base key; step k's dropout key is fold_in(rng, k)
+
+
+def dummy_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 8) -> tuple:
+    return (jnp.zeros((batch_size, seq_len), jnp.int32),)
+
+
+def _init_variables(model: nn.Module, rng: jax.Array):
+    return model.init({"params": rng, "dropout": rng}, *dummy_inputs(model))
+
+
+def param_shardings(model: nn.Module, mesh: Mesh) -> tuple[Any, Any]:
+    """(abstract params, their NamedShardings) from the modules' logical axis names."""
+    boxed = jax.eval_shape(functools.partial(_init_variables, model), jax.random.PRNGKey(0))
+    specs = nn.get_partition_spec(boxed)["params"]
+    return nn.unbox(boxed)["params"], sharding.logical_to_sharding(specs, mesh)
+
+
+def _opt_state_shardings(opt_shapes: Any, params_sharding: Any, params_shape: Any,
+                         mesh: Mesh) -> Any:
+    """Each optimizer-state leaf that mirrors a parameter (same key path suffix and shape)
+    gets that parameter's sharding; everything else (counts, scalars) is replicated."""
+    by_path = {}
+    for path, s in jax.tree_util.tree_leaves_with_path(params_sharding):
+        by_path[tuple(path)] = s
+    shapes = {tuple(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params_shape)}
+
+    def pick(path, leaf):
+        path = tuple(path)
+        for k in range(len(path)):
+            suffix = path[k:]
+            if suffix in by_path and shapes[suffix] == leaf.shape:
+                return by_path[suffix]
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """(abstract TrainState of ShapeDtypeStructs with shardings, TrainState of shardings)."""
+    params_shape, params_sharding = param_shardings(model, mesh)
+    opt_shape = jax.eval_shape(tx.init, params_shape)
+    opt_sharding = _opt_state_shardings(opt_shape, params_sharding, params_shape, mesh)
+    rep = sharding.replicated(mesh)
+    shardings = TrainState(step=rep, params=params_sharding, opt_state=opt_sharding, rng=rep)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_shape,
+                        opt_state=opt_shape, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, shardings)
+    return abstract, shardings
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+               seed: int) -> TrainState:
+    """Initialises parameters and optimizer state directly into their shardings."""
+    _, shardings = state_shardings(model, tx, mesh)
+
+    def init(rng):
+        params = nn.unbox(_init_variables(model, rng))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1))
+
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

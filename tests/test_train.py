@@ -1,0 +1,168 @@
+"""End-to-end training through the CLI entry point: loss falls, checkpoints restore,
+generation works, resume continues, and bad input exits 2 without touching the run."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxlm
+from jaxlm import sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.cli import main
+from jaxlm.config import MeshConfig
+from jaxlm.models.transformer import build_model
+from jaxlm.optim import make_optimizer
+from jaxlm.train import rundir
+from jaxlm.train.state import init_state, state_shardings
+
+SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
+         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
+
+
+def corpus(tmp: Path) -> Path:
+    lines = []
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "my", "lord", "and", "the", "king", "shall", "speak", "love"]
+    for i in range(400):
+        lines.append(f"SPEAKER{i % 3}:\n" + " ".join(rng.choice(words, 8)) + ".\n")
+    path = tmp / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    run = tmp / "run"
+    args = ["train", f"run.dir={run}", f"data.files={corpus(tmp)}", "train.steps=40",
+            "train.eval_every=20", "train.log_every=5", "checkpoint.every=20",
+            "optim.lr=3e-3", "optim.warmup_steps=5", *SHAPE]
+    assert main(args) == 0
+    return run, tmp
+
+
+def test_loss_falls_and_files_are_written(trained):
+    run, _ = trained
+    rows = rundir.read_metrics(run)
+    train_rows = [r for r in rows if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(train_rows[0])
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert (run / "config.yaml").exists() and (run / "tokenizer").is_dir()
+    assert Checkpointer(run / "checkpoints").steps() == [20, 40]
+
+
+def test_load_and_generate(trained):
+    run, _ = trained
+    lm = jaxlm.load(run)
+    logits = lm([[1, 2, 3, 4]])
+    assert logits.shape == (1, 4, lm.config.model.vocab_size)
+    text = lm.generate("SPEAKER1:\n", max_new_tokens=20, temperature=0.5, seed=1)
+    assert isinstance(text, str) and len(text) > 0
+    greedy = lm.generate("SPEAKER1:\n", max_new_tokens=10, temperature=0.0)
+    assert greedy == lm.generate("SPEAKER1:\n", max_new_tokens=10, temperature=0.0, seed=7)
+
+
+def test_checkpoint_save_restore_is_exact(tmp_path):
+    from jaxlm import config as config_lib
+
+    cfg = config_lib.load(None, SHAPE)
+    model = build_model(cfg.model)
+    tx = make_optimizer(cfg.optim, 10)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    with jax.set_mesh(mesh):
+        state = init_state(model, tx, mesh, seed=3)
+        ckpt = Checkpointer(tmp_path / "ck", async_save=False)
+        ckpt.save(7, state, {"position": 7})
+        ckpt.wait()
+        abstract, shardings = state_shardings(model, tx, mesh)
+        step, restored, data = ckpt.restore(abstract)
+        ckpt.close()
+    assert step == 7 and data == {"position": 7}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Sharded as the params' logical axes say, also inside the optimizer state.
+    emb = restored.params["embed"]["embedding"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    mu = restored.opt_state[1][0].mu["embed"]["embedding"]
+    assert mu.sharding.spec == emb.sharding.spec
+
+
+def _checksums(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["train.stpes=3"], "did you mean 'train.steps'"),
+    (["train.steps=many"], "train.steps: expected int"),
+    (["data.files=/no/such/file.txt"], "not found"),
+    (["model.d_model=64"], "would change the model shape"),
+    (["model.num_layers=3"], "model.num_layers"),
+])
+def test_bad_input_exits_2_and_leaves_the_run_untouched(trained, capsys, extra, needle):
+    run, tmp = trained
+    before = _checksums(run)
+    code = main(["train", f"run.dir={run}", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and "Traceback" not in err and len(err.splitlines()) <= 2
+    assert _checksums(run) == before
+
+
+def test_empty_corpus_exits_2(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code = main(["train", f"run.dir={tmp_path / 'r'}", f"data.files={empty}", *SHAPE])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def _metrics_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rundir.read_metrics(run) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_interrupted_cli_run_resumes_from_its_checkpoint(tmp_path):
+    """A real `jaxlm train` process stopped with SIGINT saves, exits 0, and a second
+    invocation continues from that step with the losses of an uninterrupted run."""
+    data = corpus(tmp_path)
+    common = [f"data.files={data}", "train.steps=60", "train.log_every=1", "train.eval_every=0",
+              "checkpoint.every=1000", "optim.warmup_steps=5", "run.quiet=true", *SHAPE]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train"]
+    straight = tmp_path / "straight"
+    subprocess.run([*cmd, f"run.dir={straight}", *common], check=True, env=env,
+                   capture_output=True)
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([*cmd, f"run.dir={run}", *common], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_metrics_losses(run)) < 15:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped_at = max(_metrics_losses(run))
+    assert stopped_at < 60 and "resume" in err
+    assert Checkpointer(run / "checkpoints").steps() == [stopped_at]
+    out = subprocess.run([*cmd, f"run.dir={run}", *common], env=env, capture_output=True,
+                         text=True, check=True)
+    assert f"resumed {run} from step {stopped_at}" in out.stderr
+    resumed, ref = _metrics_losses(run), _metrics_losses(straight)
+    assert max(resumed) == 60
+    for step in range(stopped_at + 1, 61):
+        assert resumed[step] == ref[step], step
+    json.dumps(resumed)
