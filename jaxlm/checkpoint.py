@@ -41,8 +41,10 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+                                             item_handlers=handlers)
 
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -67,25 +67,47 @@ def generate_ids(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]]
                  max_new_tokens: int, max_len: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
                  pad_id: int = 0) -> list[list[int]]:
-    """Continues each prompt by up to `max_new_tokens` ids (stopping after EOS)."""
-    prompts = [list(p)[-(max_len - 1):] for p in prompts]  # keep room for one new token
-    P = max(len(p) for p in prompts)
-    if P == 0:
+    """Continues each prompt by up to `max_new_tokens` ids (stopping after EOS).
+
+    Beyond the model's `max_len` positions the context slides: each further round keeps the
+    last max_len // 2 tokens and samples the other half (two compiled shapes in all).
+    """
+    seqs = [list(p)[-(max_len - 1):] for p in prompts]  # keep room for one new token
+    if min(len(p) for p in seqs) == 0:
         raise ValueError("empty prompt")
+    new: list[list[int]] = [[] for _ in seqs]
+    done = [False] * len(seqs)
+    rng = jax.random.PRNGKey(seed)
+    round_ = 0
+    while not all(done) and min(len(n) for n in new) < max_new_tokens:
+        keep = max_len // 2 if round_ else max(len(s) for s in seqs)
+        context = [s[-keep:] for s in seqs]
+        want = max_new_tokens - min(len(n) for n in new)
+        out = _sample_round(model, params, context, want, max_len, temperature, top_k, top_p,
+                            jax.random.fold_in(rng, round_), eos_id, pad_id)
+        for b, ids in enumerate(out):
+            if done[b]:
+                continue
+            ids = ids[: max_new_tokens - len(new[b])]
+            if eos_id is not None and eos_id in ids:
+                ids, done[b] = ids[: ids.index(eos_id)], True
+            new[b] += ids
+            seqs[b] += ids
+            done[b] = done[b] or len(new[b]) >= max_new_tokens
+        round_ += 1
+    return new
+
+
+def _sample_round(model, params, prompts, max_new_tokens, max_len, temperature, top_k, top_p,
+                  rng, eos_id, pad_id) -> list[list[int]]:
+    P = max(len(p) for p in prompts)
     L = min(P + max_new_tokens, max_len)
     buf = np.full((len(prompts), L), pad_id, np.int32)
     valid = np.zeros((len(prompts), L), bool)
     for b, p in enumerate(prompts):
         buf[b, P - len(p):P] = p
         valid[b, P - len(p):P] = True
-    out = _decode(model, params, jnp.asarray(buf), jnp.asarray(valid), jax.random.PRNGKey(seed),
+    out = _decode(model, params, jnp.asarray(buf), jnp.asarray(valid), rng,
                   -1 if eos_id is None else eos_id, prompt_len=P, temperature=float(temperature),
                   top_k=int(top_k or 0), top_p=float(top_p))
-    out = np.asarray(out)
-    results = []
-    for row in out:
-        new = row[P:].tolist()
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id)]
-        results.append(new)
-    return results
+    return [row[P:].tolist() for row in np.asarray(out)]
