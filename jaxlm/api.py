@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer, CheckpointError
+from jaxlm.checkpoint import Checkpointer, CheckpointError, restore_params, save_params
 from jaxlm.config import Config, MeshConfig
 from jaxlm.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 from jaxlm.generate import generate_ids
 from jaxlm.models.transformer import build_model
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
-from jaxlm.train.state import state_shardings
+from jaxlm.train.state import param_shardings, state_shardings
 
 
 class LM:
@@ -29,7 +29,7 @@ class LM:
         self.params = params
         self.tokenizer = tokenizer
         self.model = build_model(config.model)
-        self._apply = jax.jit(lambda p, *t: self.model.apply({"params": p}, *t))
+        self._apply = jax.jit(lambda p, *t, **kw: self.model.apply({"params": p}, *t, **kw))
 
     def __call__(self, *token_arrays: Sequence[Sequence[int]] | np.ndarray | jax.Array,
                  **kwargs: Any) -> jax.Array:
@@ -39,9 +39,10 @@ class LM:
         for t in token_arrays:
             t = jnp.asarray(t, dtype=jnp.int32)
             arrays.append(t[None] if t.ndim == 1 else t)
-        if kwargs:
+        if any(isinstance(v, (bool, int, float, str)) for v in kwargs.values()):
+            # Python flags (deterministic=...) steer tracing: not jit arguments.
             return self.model.apply({"params": self.params}, *arrays, **kwargs)
-        return self._apply(self.params, *arrays)
+        return self._apply(self.params, *arrays, **kwargs)
 
     def generate(self, text: str | Sequence[str], max_new_tokens: int = 200,
                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
@@ -62,9 +63,30 @@ class LM:
         return out[0] if isinstance(text, str) else out
 
 
+EXPORT_PARAMS_DIR = "params"
+
+
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """Writes a params-only copy of a run (config.yaml, tokenizer/, params/) for inference."""
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"'{out}' exists and is not empty; choose a new directory")
+    lm = load(run_dir, step)
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.write_config(out, lm.config)
+    src_tok = Path(run_dir) / rundir.TOKENIZER_DIR
+    if src_tok.exists():
+        shutil.copytree(src_tok, out / rundir.TOKENIZER_DIR)
+    save_params(out / EXPORT_PARAMS_DIR, lm.params)
+    return out
+
+
 def load(path: str | Path, step: int | None = None) -> LM:
-    """Loads a jaxlm run directory (newest checkpoint, or `step`) or an HF model directory
-    (config.json + safetensors), with its tokenizer."""
+    """Loads a jaxlm run directory (newest checkpoint, or `step`), a params-only export
+    (`jaxlm export`) or an HF model directory (config.json + safetensors), with its
+    tokenizer."""
     path = Path(path)
     if not (path / rundir.CONFIG_FILE).exists() and (path / "config.json").exists():
         return _load_hf(path)
@@ -74,6 +96,12 @@ def load(path: str | Path, step: int | None = None) -> LM:
     tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     model = build_model(cfg.model)
+    if (path / EXPORT_PARAMS_DIR).exists():
+        with jax.set_mesh(mesh):
+            abstract_params, shardings = param_shardings(model, mesh)
+            target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  abstract_params, shardings)
+            return LM(cfg, restore_params(path / EXPORT_PARAMS_DIR, target), tokenizer)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh):
         abstract, _ = state_shardings(model, tx, mesh)

@@ -35,12 +35,15 @@ def _shape_mismatch(target: Any, saved: Any) -> str | None:
 
 
 class Checkpointer:
-    """Saves {state, data} every step it is asked to; keeps the newest `keep`."""
+    """Saves {state, data} when asked; keeps the newest `keep` plus every `keep_period`-th.
+    Orbax writes each step to a temporary directory and renames it when complete, so a
+    checkpoint either exists whole or not at all."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 3, keep_period: int = 0,
+                 async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None,
+                                               create=True, enable_async_checkpointing=async_save)
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -105,3 +108,28 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def save_params(directory: str | Path, params: Any) -> None:
+    """A params-only checkpoint (for inference): `jaxlm export`."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(Path(directory).absolute(), params)
+
+
+def restore_params(directory: str | Path, abstract_params: Any) -> Any:
+    problem = None
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            meta = ckptr.metadata(Path(directory).absolute())
+            saved = getattr(meta, "item_metadata", meta)
+            problem = _shape_mismatch(abstract_params, saved.tree if hasattr(saved, "tree")
+                                      else saved)
+        except Exception:  # metadata layout differs between orbax versions: restore decides
+            pass
+        if problem:
+            raise CheckpointError(f"{directory} holds another model: {problem}")
+        try:
+            return ckptr.restore(Path(directory).absolute(), abstract_params)
+        except Exception as e:  # tensorstore/orbax errors on damaged files
+            raise CheckpointError(f"cannot read parameters from {directory}: "
+                                  f"{str(e).splitlines()[0][:200]}") from None

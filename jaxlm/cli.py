@@ -12,17 +12,26 @@ EXAMPLES = {
     "generate": 'jaxlm generate --run runs/tiny --prompt "ROMEO:" --max-new-tokens 200',
     "eval": "jaxlm eval --run runs/tiny",
     "prepare": "jaxlm prepare shakespeare",
+    "plot": "jaxlm plot runs/tiny runs/longer --out compare.png",
+    "runs": "jaxlm runs runs",
+    "convert": "jaxlm convert hf2jaxlm --hf path/to/hf_model --out runs/converted",
+    "export": "jaxlm export --run runs/tiny --out exports/tiny",
+    "compile": "jaxlm compile --topology v5p:4x4x4 model.preset=llama mesh.data=1 mesh.fsdp=-1",
 }
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxlm.checkpoint import CheckpointError
     from jaxlm.config import ConfigError
+    from jaxlm.convert import ConversionError
     from jaxlm.data.pipeline import DataError
     from jaxlm.data.prepare import PrepareError
     from jaxlm.data.tokenizers import TokenizerError
+    from jaxlm.plot import PlotError
+    from jaxlm.runs import RunsError
 
-    return (ConfigError, DataError, PrepareError, TokenizerError, CheckpointError)
+    return (ConfigError, DataError, PrepareError, TokenizerError, CheckpointError,
+            ConversionError, PlotError, RunsError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -34,14 +43,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from jaxlm.train import rundir
 
-    cfg, run_dir, resuming = rundir.resolve(args.config, args.overrides)
+    overrides = args.overrides + (["run.quiet=true"] if args.quiet else [])
+    cfg, run_dir, resuming = rundir.resolve(args.config, overrides)
     if args.print_config:
         print(config_lib.dump(cfg), end="")
         return 0
+    from jaxlm import distributed
+
+    # Before anything touches a JAX backend: join the other processes, if there are any.
+    distributed.initialize(distributed.detect(args.coordinator, args.num_processes,
+                                              args.process_id), args.init_timeout)
+    import jax
+
     from jaxlm.train.loop import format_summary, train
 
     summary = train(cfg, run_dir, resuming)
-    if not cfg.run.quiet:
+    if not cfg.run.quiet and jax.process_index() == 0:
         print(format_summary(summary))
     return 0
 
@@ -63,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from jaxlm.evaluate import evaluate_run
 
-    results = evaluate_run(args.run, max_batches=args.max_batches)
+    results = evaluate_run(args.run, max_batches=args.max_batches, progress=not args.quiet)
     for k, v in results.items():
         print(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}")
     return 0
@@ -80,8 +97,70 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jaxlm.convert import run
+
+    if args.direction == "hf2jaxlm":
+        out = run.hf_to_run(args.hf, args.out, args.overrides)
+    else:
+        out = run.run_to_hf(args.run, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxlm.api import export
+
+    print(f"wrote {export(args.run, args.out, args.step)} (params only; jaxlm.load reads it)")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxlm import config as config_lib
+    from jaxlm.aot import compile_for_topology
+
+    cfg = config_lib.load(args.config, args.overrides)
+    report = compile_for_topology(cfg, args.topology)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    return 0 if report.fits is not False else 1
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from jaxlm.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from jaxlm import runs
+
+    infos = runs.list_runs(args.dir)
+    if args.json:
+        print(runs.to_json(infos))
+    elif not infos:
+        print(f"no runs under {args.dir}", file=sys.stderr)
+    else:
+        print(runs.format_table(infos))
+    return 0
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" where X says something: not to flags, required options or
+    options whose unset value is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.nargs == 0 or action.default is None:
+            return action.help
+        if action.default == "":
+            return f'{action.help} (default: "")'
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(
         prog="jaxlm", formatter_class=fmt,
         description="Train, evaluate and sample Transformer language models with JAX.",
@@ -100,7 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config name (see configs/) or YAML path; default: tiny")
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
     t.add_argument("--help-config", action="store_true", help="list every config key")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bar, model summary or final summary (= run.quiet=true)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    d = t.add_argument_group("multi-process runs (default: detected from JAXLM_*/JAX_* "
+                             "coordinator variables, SLURM, or a Cloud TPU VM)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    d.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    d.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    d.add_argument("--init-timeout", type=float, default=None, metavar="S",
+                   help="give up (exit 2) if the processes have not all joined after S "
+                        "seconds (default: $JAXLM_INIT_TIMEOUT or 300)")
 
     g = add("generate", cmd_generate, "sample text from a trained run")
     g.add_argument("--run", required=True, help="run directory")
@@ -115,10 +204,54 @@ def build_parser() -> argparse.ArgumentParser:
     e = add("eval", cmd_eval, "evaluate a run on its held-out data")
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--max-batches", type=int, default=0, help="0 = the whole validation split")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     r = add("prepare", cmd_prepare, "download, verify and cache a public-domain corpus")
     r.add_argument("name", help="corpus name, e.g. shakespeare")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+
+    c = add("convert", cmd_convert, "convert between HF model directories and jaxlm runs")
+    directions = c.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    h = directions.add_parser("hf2jaxlm", formatter_class=fmt,
+                              epilog=f"example: {EXAMPLES['convert']}",
+                              help="HF directory (config.json + safetensors) -> jaxlm run")
+    h.add_argument("--hf", required=True, help="HF model directory")
+    h.add_argument("--out", required=True, help="new run directory")
+    h.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings of the new run (train.*, optim.*, model.scan_layers, ...)")
+    j = directions.add_parser("jaxlm2hf", formatter_class=fmt,
+                              epilog="example: jaxlm convert jaxlm2hf --run runs/tiny "
+                                     "--out hf/tiny",
+                              help="jaxlm run (newest checkpoint) -> HF directory")
+    j.add_argument("--run", required=True, help="run directory")
+    j.add_argument("--out", required=True, help="new HF model directory")
+
+    ex = add("export", cmd_export, "write a params-only copy of a run for inference")
+    ex.add_argument("--run", required=True, help="run directory")
+    ex.add_argument("--out", required=True, help="new directory")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+
+    co = add("compile", cmd_compile, "compile the sharded train step ahead of time for a TPU "
+             "topology (needs the [tpu] extra; no TPU needed) and report per-chip memory, "
+             "FLOPs per step and whether it fits; exit 1 if it does not")
+    co.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2")
+    co.add_argument("--config", default=None, help="config name or YAML path; default: tiny")
+    co.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    co.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    pl = add("plot", cmd_plot, "draw one PNG comparing runs: loss vs steps and tokens, eval "
+             "loss, learning rate, gradient norm, throughput")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    pl.add_argument("--out", default="plot.png", metavar="FILE.png", help="the PNG to write")
+
+    ru = add("runs", cmd_runs, "list the runs below a folder: preset, params, steps, best "
+             "eval, tokens/s, last checkpoint, status")
+    ru.add_argument("dir", nargs="?", default="runs", metavar="DIR",
+                    help="folder searched for run directories")
+    ru.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ru.description += (". Status: finished = reached train.steps; stopped = by a signal "
+                       "(the same train command resumes); running = its process is alive; "
+                       "failed = its process ended before train.steps.")
     return p
 
 

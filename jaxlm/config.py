@@ -41,7 +41,8 @@ class ModelConfig:
     d_ff: int = _f(3072, "hidden width of the MLP")
     vocab_size: int = _f(50257, "embedding rows; must cover the tokenizer's ids")
     max_seq_len: int = _f(1024, "longest sequence the position encoding supports")
-    attention: str = _f("auto", "attention kernel: reference | xla | auto")
+    attention: str = _f("auto", "attention kernel: reference | xla | cudnn (NVIDIA) | splash "
+                        "| flash (TPU Pallas) | chunked (O(n) memory) | auto (best for backend)")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16")
     param_dtype: str = _f("float32", "parameter and optimizer-state dtype")
     norm: str = _f("layernorm", "layernorm | rmsnorm")
@@ -55,7 +56,8 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "output projection shares the token embedding")
     dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
     scan_layers: bool = _f(True, "stack the blocks with nn.scan (compile time flat in depth)")
-    remat: str = _f("none", "rematerialisation policy: none | full | dots_saveable")
+    remat: str = _f("none", "rematerialisation policy: none | full | dots_saveable | offload "
+                    "(matmul outputs to pinned host memory)")
     init_std: float = _f(0.02, "standard deviation of the normal weight initialiser")
     attention_scale: float = _f(0.0, "attention logit scale; 0 = 1/sqrt(head_dim) (T5 uses 1)")
     # decoder family
@@ -67,7 +69,7 @@ class ModelConfig:
     position_offset: int = _f(0, "rows of the position table before position 0; > 0 = "
                               "RoBERTa positions (pad_token_id + 1 + count of non-pad tokens)")
     # encoder-decoder family
-    embed_scale: bool = _f(False, "multiply token embeddings by sqrt(d_model) (Transformer, Marian)")
+    embed_scale: bool = _f(False, "token embeddings times sqrt(d_model) (Transformer, Marian)")
     embed_norm: bool = _f(False, "LayerNorm on the embeddings of each stack (BART)")
     final_norm: bool = _f(True, "a norm closes each stack (T5, torch.nn.Transformer; not BART)")
     sinusoidal_layout: str = _f("interleaved", "sinusoidal positions: interleaved (paper) | "
@@ -104,6 +106,11 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the cross entropy")
     z_loss: float = _f(0.0, "weight of the log(Z)^2 penalty that keeps logits small")
     mlm_rate: float = _f(0.15, "share of tokens masked by the masked-LM objective")
+    max_bad_steps: int = _f(5, "non-finite steps in a row before on_bad_steps acts")
+    on_bad_steps: str = _f("rollback", "rollback (to the last checkpoint, skipping the "
+                           "batches since) | stop")
+    spike_zscore: float = _f(6.0, "log a loss_spike event when the loss exceeds the running "
+                             "mean by this many standard deviations (0 = off)")
 
 
 @dataclass
@@ -130,6 +137,7 @@ class MeshConfig:
 class CheckpointConfig:
     every: int = _f(250, "save every N steps (and always at the end)")
     keep: int = _f(3, "keep the newest N checkpoints")
+    keep_period: int = _f(0, "also keep every checkpoint whose step is a multiple of N (0 = off)")
     async_save: bool = _f(True, "write checkpoints in the background")
 
 
@@ -137,6 +145,8 @@ class CheckpointConfig:
 class RunConfig:
     dir: str = _f("", "run directory; empty = runs/<config name>")
     quiet: bool = _f(False, "no progress bar")
+    wandb: bool = _f(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = _f("jaxlm", "W&B project name when run.wandb is on")
 
 
 @dataclass
@@ -345,7 +355,7 @@ def dump(cfg: Config) -> str:
 
 _CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
-    "model.attention": ("reference", "xla", "auto"),
+    "model.attention": ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.norm": ("layernorm", "rmsnorm"),
@@ -353,7 +363,7 @@ _CHOICES = {
     "model.activation": ("gelu_tanh", "gelu", "relu", "silu"),
     "model.position": ("learned", "rope", "sinusoidal", "none"),
     "model.sinusoidal_layout": ("interleaved", "split"),
-    "model.remat": ("none", "full", "dots_saveable"),
+    "model.remat": ("none", "full", "dots_saveable", "offload"),
 }
 
 

@@ -93,3 +93,19 @@ def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, 
     """Each process passes its own rows; returns global arrays sharded over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
             for k, v in batch.items()}
+
+
+def check_model_fits_mesh(model_cfg, mesh: Mesh) -> None:
+    """Dimensions split over `tensor` (heads, kv heads, mlp, vocab) and `fsdp` (embed) must
+    divide evenly; says which one does not, and how to fix it."""
+    t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
+    kv = model_cfg.num_kv_heads or model_cfg.num_heads
+    checks = [("model.num_heads", model_cfg.num_heads, t, "mesh.tensor"),
+              ("model.num_kv_heads", kv, t, "mesh.tensor"),
+              ("model.d_ff", model_cfg.d_ff, t, "mesh.tensor"),
+              ("model.vocab_size", model_cfg.vocab_size, t, "mesh.tensor"),
+              ("model.d_model", model_cfg.d_model, f, "mesh.fsdp")]
+    for key, size, parts, axis in checks:
+        if size % parts:
+            raise ConfigError(f"{key}={size} is not divisible by {axis}={parts}; "
+                              f"choose a {axis} that divides it (or pad {key})")

@@ -13,9 +13,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
-from jaxlm import sharding
+from jaxlm import progress, sharding, tracking
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import setup as data_setup
@@ -23,7 +22,7 @@ from jaxlm.evaluate import heldout_metrics
 from jaxlm.models.transformer import build_model
 from jaxlm.objectives import loss_for
 from jaxlm.optim import lr_schedule, make_optimizer
-from jaxlm.train import rundir
+from jaxlm.train import report, rundir
 from jaxlm.train.state import count_params, init_state, state_shardings
 from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
@@ -41,6 +40,8 @@ class Summary:
     wall_seconds: float = 0.0
     last_checkpoint: str = ""
     stopped_early: bool = False
+    tokens: int = 0  # positions trained on: steps × batch_size × seq_len
+    flops_per_token: float = float("nan")
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -86,6 +87,7 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
     tokenizer, family = data.tokenizer, cfg.model.family
 
     mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_model_fits_mesh(cfg.model, mesh)
     dp = sharding.data_parallel_size(mesh)
     if cfg.train.batch_size % (dp * cfg.optim.grad_accum_steps):
         raise ConfigError(
@@ -105,8 +107,11 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
         rundir.write_config(run_dir, cfg)
         if not (run_dir / rundir.TOKENIZER_DIR).exists():
             tokenizer.save(run_dir / rundir.TOKENIZER_DIR)
-    metrics_out = rundir.MetricsWriter(run_dir, enabled=_is_main())
+    metrics_out = rundir.MetricsWriter(
+        run_dir, enabled=_is_main(),
+        trackers=tracking.open_trackers(cfg, run_dir) if _is_main() else ())
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
+                        keep_period=cfg.checkpoint.keep_period,
                         async_save=cfg.checkpoint.async_save)
     summary = Summary(run_dir=str(run_dir), steps=0, params=0)
     with jax.set_mesh(mesh), _Preemption() as preempt:
@@ -124,6 +129,10 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
              f"params={summary.params / 1e6:.2f}M  mesh={dict(mesh.shape)}  "
              f"devices={jax.device_count()} ({jax.devices()[0].platform})  "
              f"{data.description}", quiet)
+        _say(report.model_summary(abstract.params, cfg), quiet)
+        summary.flops_per_token = report.flops_per_token(cfg, summary.params)
+        if _is_main():
+            rundir.write_summary(run_dir, report.start_record(cfg, summary.params))
 
         train_step = jit_train_step(
             make_train_step(model, tx, schedule, grad_accum_steps=cfg.optim.grad_accum_steps,
@@ -134,9 +143,8 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
             return heldout_metrics(eval_step, params, data, mesh, eval_batches, family)
 
         total = cfg.train.steps
-        bar = tqdm(total=total, initial=start, disable=quiet or not sys.stderr.isatty()
-                   or not _is_main(), dynamic_ncols=True, desc="train", unit="step",
-                   file=sys.stderr)
+        bar = progress.bar(total=total, initial=start, desc="train", unit="step",
+                           quiet=quiet or not _is_main())
         plain_every = max(cfg.train.log_every, total // 20)
         t_log, tokens_since, pending = time.time(), 0, []
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len  # positions processed
@@ -186,16 +194,20 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
                 break
         bar.close()
         ckpt.close()
+        metrics_out.close()
     summary.steps = step
     if ckpt.latest_step() is not None:
         summary.last_checkpoint = str(ckpt.directory / str(ckpt.latest_step()))
     summary.wall_seconds = time.time() - t_start
+    summary.tokens = step * cfg.train.batch_size * cfg.train.seq_len
     if summary.stopped_early:
         _say(f"stopped by signal after step {step}; checkpoint saved at "
              f"{summary.last_checkpoint}. Run the same command to resume.", False)
     if np.isnan(summary.best_eval_loss):
         best = [r["eval_loss"] for r in rundir.read_metrics(run_dir) if "eval_loss" in r]
         summary.best_eval_loss = min(best) if best else float("nan")
+    if _is_main():
+        rundir.write_summary(run_dir, report.end_record(cfg, summary))
     return summary
 
 
@@ -207,8 +219,11 @@ def format_summary(s: Summary) -> str:
         f" train loss   {s.train_loss:.4f}",
         f" eval loss    {s.eval_loss:.4f}  (best {s.best_eval_loss:.4f}, "
         f"{s.eval_bits_per_byte:.3f} bits/byte)",
-        f" tokens/s     {s.tokens_per_sec:,.0f}",
-        f" checkpoint   {s.last_checkpoint or '-'}",
+        f" tokens/s     {s.tokens_per_sec:,.0f}   tokens {report.human(s.tokens)}   "
+        f"FLOPs/token {report.human(s.flops_per_token)}",
+        f" checkpoint   {s.last_checkpoint or '-'}"
+        + ("   (stopped early: run the same command to resume)" if s.stopped_early else ""),
+        f" view         jaxlm plot {s.run_dir}   |   tensorboard --logdir {s.run_dir}",
         f" next         jaxlm generate --run {s.run_dir} --prompt \"ROMEO:\"",
         "─" * 60,
     ]

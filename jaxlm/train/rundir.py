@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from jaxlm.config import Config, ConfigError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -92,18 +94,28 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per row to metrics.jsonl (only on process 0)."""
+    """Appends one JSON object per row to metrics.jsonl and hands the row to the trackers
+    (TensorBoard, W&B; see jaxlm.tracking). Only on process 0 (`enabled`)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, trackers: Sequence[Any] = ()):
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
+        self.trackers = list(trackers) if enabled else []
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in row.items()}}
+        row = {"time": round(time.time(), 3), **row}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        for tracker in self.trackers:
+            tracker.log(row)
+
+    def close(self) -> None:
+        """Flushes and closes the trackers (metrics.jsonl is written row by row)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -111,3 +123,21 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_summary(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Replaces summary.json atomically (the run's status and totals; see jaxlm.runs)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({k: _clean(v) for k, v in record.items()}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """summary.json as a dict; {} when absent or unreadable (an older or foreign run)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

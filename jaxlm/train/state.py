@@ -33,7 +33,8 @@ def _init_variables(model: nn.Module, rng: jax.Array):
 
 def param_shardings(model: nn.Module, mesh: Mesh) -> tuple[Any, Any]:
     """(abstract params, their NamedShardings) from the modules' logical axis names."""
-    boxed = jax.eval_shape(functools.partial(_init_variables, model), jax.random.PRNGKey(0))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # abstract: no array on the mesh needed
+    boxed = jax.eval_shape(functools.partial(_init_variables, model), key)
     specs = nn.get_partition_spec(boxed)["params"]
     return nn.unbox(boxed)["params"], sharding.logical_to_sharding(specs, mesh)
 

@@ -1,0 +1,128 @@
+"""`jaxlm compile`: ahead-of-time compile the sharded train step for a TPU topology on any
+machine (libtpu describes the chips), and report per-chip memory, FLOPs and whether it fits."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxlm import sharding
+from jaxlm.config import Config, ConfigError
+from jaxlm.models.transformer import build_model
+from jaxlm.optim import lr_schedule, make_optimizer
+from jaxlm.train.state import count_params, state_shardings
+from jaxlm.train.step import jit_train_step, make_train_step
+
+GIB = 1024**3
+# HBM per chip (GiB), by the device_kind libtpu reports.
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5": 95, "TPU v5p": 95,
+           "TPU v6 lite": 32, "TPU v6e": 32}
+
+
+@dataclass
+class CompileReport:
+    topology: str
+    device_kind: str
+    chips: int
+    mesh: dict[str, int]
+    params: int
+    params_bytes_per_chip: int
+    opt_state_bytes_per_chip: int
+    temp_bytes_per_chip: int
+    total_bytes_per_chip: int
+    hbm_bytes_per_chip: int | None
+    fits: bool | None
+    flops_per_step: float
+    compile_seconds: float
+
+    def table(self) -> str:
+        g = lambda b: f"{b / GIB:8.2f} GiB"
+        hbm = g(self.hbm_bytes_per_chip) if self.hbm_bytes_per_chip else "unknown"
+        verdict = {True: "FITS", False: "DOES NOT FIT", None: "unknown HBM size"}[self.fits]
+        return "\n".join([
+            f"topology        {self.topology} ({self.chips} × {self.device_kind})",
+            f"mesh            {self.mesh}",
+            f"parameters      {self.params / 1e9:.3f} B",
+            f"params/chip     {g(self.params_bytes_per_chip)}",
+            f"opt state/chip  {g(self.opt_state_bytes_per_chip)}",
+            f"temporaries     {g(self.temp_bytes_per_chip)}",
+            f"total/chip      {g(self.total_bytes_per_chip)}  of {hbm}  -> {verdict}",
+            f"FLOPs/step      {self.flops_per_step:.3e}",
+            f"compile time    {self.compile_seconds:.1f} s",
+        ])
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def topology_devices(topology: str) -> list:
+    """Devices of a TPU topology such as 'v5p:4x4x4' (needs libtpu: pip install jaxlm[tpu])."""
+    # Describing a topology needs no TPU; don't contend for the TPU lockfile with other
+    # processes on this machine.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies
+
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # missing libtpu or a bad name: one message either way
+        raise ConfigError(f"cannot describe TPU topology '{topology}' ({str(e).splitlines()[0]}"
+                          f"); install the [tpu] extra and use names like v5e:4x4 or "
+                          "v5p:4x4x4") from None
+
+
+def _bytes_per_chip(tree: Any) -> int:
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
+    devices = topology_devices(topology)
+    shape = sharding.mesh_shape(cfg.mesh, len(devices))
+    mesh = Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES,
+                axis_types=(AxisType.Auto,) * 3)
+    sharding.check_model_fits_mesh(cfg.model, mesh)
+    if cfg.train.batch_size % (sharding.data_parallel_size(mesh) * cfg.optim.grad_accum_steps):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                          f"data-parallel size {sharding.data_parallel_size(mesh)}")
+    model = build_model(cfg.model)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    with jax.set_mesh(mesh):
+        abstract, shardings = state_shardings(model, tx, mesh)
+        step = jit_train_step(make_train_step(model, tx, lr_schedule(cfg.optim, cfg.train.steps),
+                                              grad_accum_steps=cfg.optim.grad_accum_steps),
+                              shardings, mesh)
+        B, T = cfg.train.batch_size, cfg.train.seq_len
+        bs = sharding.batch_sharding(mesh)
+        batch = {"inputs": jax.ShapeDtypeStruct((B, T), np.int32, sharding=bs),
+                 "targets": jax.ShapeDtypeStruct((B, T), np.int32, sharding=bs),
+                 "loss_mask": jax.ShapeDtypeStruct((B, T), np.float32, sharding=bs)}
+        t0 = time.time()
+        compiled = step.lower(abstract, batch).compile()
+        seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    params_b = _bytes_per_chip(abstract.params)
+    opt_b = _bytes_per_chip(abstract.opt_state)
+    temp_b = int(mem.temp_size_in_bytes)
+    # Arguments are donated, so outputs alias them: peak ≈ arguments + temporaries.
+    total_b = int(mem.argument_size_in_bytes) + temp_b
+    kind = devices[0].device_kind
+    hbm = HBM_GIB.get(kind)
+    hbm_b = hbm * GIB if hbm else None
+    return CompileReport(
+        topology=topology, device_kind=kind, chips=len(devices), mesh=dict(mesh.shape),
+        params=count_params(abstract.params), params_bytes_per_chip=params_b,
+        opt_state_bytes_per_chip=opt_b, temp_bytes_per_chip=temp_b,
+        total_bytes_per_chip=total_b, hbm_bytes_per_chip=hbm_b,
+        fits=None if hbm_b is None else total_b <= hbm_b,
+        flops_per_step=float(cost.get("flops", 0.0)) * len(devices), compile_seconds=seconds)

@@ -1,0 +1,122 @@
+"""What the loop tells a person about a run: the model summary at start (parameters per
+module, sharding of the largest tensors, FLOPs per token) and the records in summary.json
+that `jaxlm runs` reads (status, parameter count, totals)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections import defaultdict
+from typing import Any
+
+import jax
+
+from jaxlm.config import Config
+
+_NUMBERED = re.compile(r"^(.*?)_?(\d+)$")
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def attention_layers(cfg: Config) -> int:
+    m = cfg.model
+    if m.family == "encoder_decoder":
+        return m.num_layers + (m.num_decoder_layers or m.num_layers)
+    return m.num_layers
+
+
+def flops_per_token(cfg: Config, num_params: int) -> float:
+    """Training FLOPs per token ≈ 6N (forward + backward matmuls) + 12·L·d_attn·T (attention
+    scores and values, PaLM appendix B; the causal mask's savings are not subtracted)."""
+    m = cfg.model
+    d_attn = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+    return 6.0 * num_params + 12.0 * attention_layers(cfg) * d_attn * cfg.train.seq_len
+
+
+def _size(leaf: Any) -> int:
+    n = 1
+    for d in leaf.shape:
+        n *= int(d)
+    return n
+
+
+def params_by_module(params: Any) -> list[tuple[str, int]]:
+    """(name, count) per top-level module and, one level down, per child; numbered siblings
+    (`layers_0`, `layers_1`, ...) fold into one `layers_0..N (×n)` entry."""
+    rows: list[tuple[str, int]] = []
+    for top in sorted(params):
+        sub = params[top]
+        rows.append((top, sum(_size(x) for x in jax.tree.leaves(sub))))
+        if not isinstance(sub, dict) or not any(isinstance(v, dict) for v in sub.values()):
+            continue  # a module of plain tensors (a norm, an embedding): its total says it all
+        groups: dict[str, list[int]] = defaultdict(list)
+        order: list[str] = []
+        for child in sub:
+            match = _NUMBERED.match(child)
+            key = match.group(1) if match else child
+            if key not in groups:
+                order.append(key)
+            groups[key].append(sum(_size(x) for x in jax.tree.leaves(sub[child])))
+        for key in order:
+            counts = groups[key]
+            label = f"{key}_0..{len(counts) - 1} (×{len(counts)})" if len(counts) > 1 else key
+            rows.append((f"  {label}", sum(counts)))
+    return rows
+
+
+def largest_tensors(params: Any, k: int = 3) -> list[tuple[str, tuple, str, tuple]]:
+    """(path, shape, PartitionSpec, per-device shard shape) of the k largest parameters;
+    leaves are ShapeDtypeStructs or arrays carrying a NamedSharding."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    leaves.sort(key=lambda pl: -_size(pl[1]))
+    out = []
+    for path, leaf in leaves[:k]:
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        sh = getattr(leaf, "sharding", None)
+        spec = str(sh.spec) if hasattr(sh, "spec") else "-"
+        shard = tuple(sh.shard_shape(leaf.shape)) if sh is not None else tuple(leaf.shape)
+        out.append((name, tuple(leaf.shape), spec, shard))
+    return out
+
+
+def model_summary(params: Any, cfg: Config) -> str:
+    """A few lines for the start of training; `params` may be abstract (eval_shape)."""
+    total = sum(_size(x) for x in jax.tree.leaves(params))
+    lines = [f"parameters  {human(total)} ({total:,})"]
+    for name, n in params_by_module(params):
+        lines.append(f"  {name:34s} {human(n):>8s}  {100 * n / max(total, 1):5.1f}%")
+    lines.append("largest tensors (shape, mesh sharding, per-device shard)")
+    for name, shape, spec, shard in largest_tensors(params):
+        lines.append(f"  {name:34s} {str(shape):16s} {spec:28s} {shard}")
+    fpt = flops_per_token(cfg, total)
+    step_tokens = cfg.train.batch_size * cfg.train.seq_len
+    lines.append(f"FLOPs/token ≈ 6N + 12·L·d·T = {human(fpt)}  "
+                 f"({human(fpt * step_tokens)} per step of {step_tokens:,} tokens)")
+    return "\n".join(lines)
+
+
+def start_record(cfg: Config, num_params: int) -> dict[str, Any]:
+    """summary.json while training: `running`, with the process that can be checked."""
+    return {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+            "started": round(time.time(), 3), "preset": cfg.model.preset,
+            "params": num_params, "flops_per_token": flops_per_token(cfg, num_params),
+            "total_steps": cfg.train.steps}
+
+
+def end_record(cfg: Config, summary: Any) -> dict[str, Any]:
+    """summary.json after the loop: `finished` at train.steps, else `stopped` (a signal).
+    Carries the loop's Summary fields that are plain JSON values."""
+    fields = {k: v for k, v in vars(summary).items()
+              if isinstance(v, (int, float, str, bool)) or v is None}
+    done = summary.steps >= cfg.train.steps
+    return {"status": "finished" if done else "stopped", "ended": round(time.time(), 3),
+            "preset": cfg.model.preset, "total_steps": cfg.train.steps,
+            "flops_per_token": flops_per_token(cfg, summary.params), **fields}

@@ -1,0 +1,119 @@
+"""One train step, every mesh: the same losses and parameters on 1 device and on 8 simulated
+devices split as data, fsdp, tensor and mixes; FSDP memory; gradient accumulation; errors."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import sharding
+from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.data.pipeline import LMBatches
+from jaxlm.models.transformer import build_model
+from jaxlm.optim import lr_schedule, make_optimizer
+from jaxlm.train.state import init_state, state_shardings
+from jaxlm.train.step import jit_train_step, make_train_step
+
+SHAPE = ["model.num_layers=2", "model.d_model=64", "model.num_heads=8", "model.d_ff=128",
+         "model.vocab_size=128", "model.max_seq_len=32", "train.seq_len=32",
+         "train.batch_size=16", "optim.warmup_steps=2", "optim.lr=3e-3"]
+STEPS = 20
+
+
+def _tokens():
+    """A learnable stream: t[i+1] = 3 t[i] + 1 (mod 128), with 10% random tokens."""
+    rng = np.random.default_rng(0)
+    t = np.zeros(40_000, np.int64)
+    for i in range(1, len(t)):
+        t[i] = (3 * t[i - 1] + 1) % 128 if rng.random() > 0.1 else rng.integers(128)
+    return t.astype(np.int32)
+
+
+def train(mesh_shape, extra=(), steps=STEPS, devices=None):
+    cfg = config_lib.load(None, SHAPE + list(extra))
+    devices = devices or jax.devices()
+    mesh = sharding.make_mesh(MeshConfig(*mesh_shape), devices)
+    sharding.check_model_fits_mesh(cfg.model, mesh)
+    model = build_model(cfg.model)
+    tx = make_optimizer(cfg.optim, steps)
+    batches = LMBatches(_tokens(), cfg.train.seq_len, cfg.train.batch_size, seed=0)
+    with jax.set_mesh(mesh):
+        _, shardings = state_shardings(model, tx, mesh)
+        state = init_state(model, tx, mesh, seed=0)
+        step = jit_train_step(
+            make_train_step(model, tx, lr_schedule(cfg.optim, steps),
+                            grad_accum_steps=cfg.optim.grad_accum_steps), shardings, mesh)
+        losses = []
+        for i in range(steps):
+            state, m = step(state, sharding.host_batch_to_global(batches.batch(i), mesh))
+            losses.append(m["loss"])
+        params = jax.device_get(state.params)
+    return np.array(jax.device_get(losses)), params, step, state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    losses, params, _, _ = train((1, 1, 1), devices=jax.devices()[:1])
+    return losses, params
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)])
+def test_every_mesh_gives_the_same_run(single_device, mesh_shape):
+    ref_losses, ref_params = single_device
+    losses, params, _, state = train(mesh_shape)
+    assert ref_losses[-1] < ref_losses[0] - 0.3  # it trains
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    if mesh_shape[2] > 1:  # tensor parallel: heads split over `tensor`
+        q = state.params["decoder"]["layers_0"]["attn"]["query"]["kernel"]
+        assert q.sharding.spec[1] == "tensor"
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+    def state_bytes(mesh_shape, devices):
+        cfg = config_lib.load(None, SHAPE)
+        mesh = sharding.make_mesh(MeshConfig(*mesh_shape), devices)
+        model = build_model(cfg.model)
+        tx = make_optimizer(cfg.optim, 10)
+        with jax.set_mesh(mesh):
+            abstract, shardings = state_shardings(model, tx, mesh)
+            step = jit_train_step(make_train_step(model, tx, lr_schedule(cfg.optim, 10)),
+                                  shardings, mesh)
+            batch = {k: jax.ShapeDtypeStruct((16, 32), dt, sharding=sharding.batch_sharding(mesh))
+                     for k, dt in [("inputs", np.int32), ("targets", np.int32),
+                                   ("loss_mask", np.float32)]}
+            compiled = step.lower(abstract, batch).compile()
+        batch_bytes = sum(16 * 32 * 4 for _ in batch) / mesh_shape[0] / mesh_shape[1]
+        return compiled.memory_analysis().argument_size_in_bytes - batch_bytes
+
+    one = state_bytes((1, 1, 1), jax.devices()[:1])
+    fsdp = state_bytes((1, 8, 1), jax.devices())
+    tensor = state_bytes((1, 1, 8), jax.devices())
+    assert fsdp <= one / 8 * 1.05 + 4096, (one, fsdp)
+    assert tensor < one / 4, (one, tensor)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    big, big_params, _, _ = train((8, 1, 1), steps=3)
+    acc, acc_params, _, _ = train((2, 1, 1), ["optim.grad_accum_steps=4"], steps=3,
+                                  devices=jax.devices()[:2])
+    np.testing.assert_allclose(acc, big, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(big_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_cfg, model_extra, needle", [
+    (MeshConfig(3, 1, 1), [], "3×1×1 = 3 but there are 8 devices"),
+    (MeshConfig(-1, 3, 1), [], "does not divide the 8 devices"),
+    (MeshConfig(1, 1, 8), ["model.num_heads=4", "model.d_model=64"], "model.num_heads=4"),
+    (MeshConfig(1, 1, 8), ["model.num_kv_heads=2", "model.preset=llama"], "num_kv_heads=2"),
+    (MeshConfig(1, 1, 8), ["model.d_ff=100"], "model.d_ff=100"),
+    (MeshConfig(1, 1, 8), ["model.vocab_size=260"], "model.vocab_size=260"),
+])
+def test_mesh_errors_name_the_problem(mesh_cfg, model_extra, needle):
+    cfg = config_lib.load(None, SHAPE + model_extra)
+    with pytest.raises(ConfigError) as e:
+        mesh = sharding.make_mesh(mesh_cfg)
+        sharding.check_model_fits_mesh(cfg.model, mesh)
+    assert needle in str(e.value)
