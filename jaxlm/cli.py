@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from jaxlm.train.health import TrainingDiverged
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
@@ -267,9 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `jaxlm runs | head`: the reader has gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

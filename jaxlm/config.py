@@ -109,6 +109,7 @@ class TrainConfig:
     max_bad_steps: int = _f(5, "non-finite steps in a row before on_bad_steps acts")
     on_bad_steps: str = _f("rollback", "rollback (to the last checkpoint, skipping the "
                            "batches since) | stop")
+    max_rollbacks: int = _f(3, "rollbacks allowed in one run before it stops with an error")
     spike_zscore: float = _f(6.0, "log a loss_spike event when the loss exceeds the running "
                              "mean by this many standard deviations (0 = off)")
 

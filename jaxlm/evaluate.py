@@ -16,16 +16,19 @@ from jaxlm import sharding
 from jaxlm.config import MeshConfig
 from jaxlm.data import setup as data_setup
 from jaxlm.objectives import loss_for
+from jaxlm.progress import bar
 from jaxlm.train import rundir
 from jaxlm.train.state import param_shardings
 from jaxlm.train.step import jit_eval_step, make_eval_step
 
 
 def heldout_metrics(eval_step: Callable, params: Any, data: data_setup.TrainData, mesh: Mesh,
-                    num_batches: int, family: str) -> dict[str, float]:
-    """Sums the eval step's counts over the first `num_batches` validation batches."""
+                    num_batches: int, family: str, progress: bool = False) -> dict[str, float]:
+    """Sums the eval step's counts over the first `num_batches` validation batches
+    (`progress`: a bar on stderr when it is a terminal)."""
     sums: dict[str, float] = {}
-    for i in range(num_batches):
+    quiet = not progress or jax.process_index() != 0
+    for i in bar(range(num_batches), desc="eval", unit="batch", quiet=quiet, leave=False):
         batch = data_setup.batch_at(data, data.valid, i, family)
         out = eval_step(params, sharding.host_batch_to_global(batch, mesh))
         for k, v in jax.device_get(out).items():
@@ -39,7 +42,8 @@ def heldout_metrics(eval_step: Callable, params: Any, data: data_setup.TrainData
     return result
 
 
-def evaluate_run(run_dir: str | Path, max_batches: int = 0) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, max_batches: int = 0,
+                 progress: bool = False) -> dict[str, Any]:
     """Evaluates a run's newest checkpoint on its whole validation split (or `max_batches`);
     appends the result to metrics.jsonl and writes eval.json."""
     from jaxlm.api import load
@@ -57,7 +61,7 @@ def evaluate_run(run_dir: str | Path, max_batches: int = 0) -> dict[str, Any]:
         _, shardings = param_shardings(lm.model, mesh)
         params = jax.device_put(lm.params, shardings)
         step = jit_eval_step(make_eval_step(lm.model, loss_fn), shardings, mesh)
-        results = heldout_metrics(step, params, data, mesh, n, cfg.model.family)
+        results = heldout_metrics(step, params, data, mesh, n, cfg.model.family, progress)
     ckpts = run_dir / rundir.CHECKPOINT_DIR
     steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
     results = {"step": max(steps, default=0), **results, "eval_batches": n}

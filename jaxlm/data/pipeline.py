@@ -98,10 +98,13 @@ def _hold_out(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
     return [text[:cut]], [text[cut:]]
 
 
-def tokenize(docs: list[str], tokenizer) -> np.ndarray:
-    """Concatenated token ids of all documents, separated by EOS where the tokenizer has one."""
+def tokenize(docs: list[str], tokenizer, progress: bool = False) -> np.ndarray:
+    """Concatenated token ids of all documents, separated by EOS where the tokenizer has one
+    (`progress`: a bar over the documents when stderr is a terminal)."""
+    from jaxlm.progress import bar
+
     parts = []
-    for doc in docs:
+    for doc in bar(docs, desc="tokenize", unit="doc", quiet=not progress, leave=False):
         parts.append(np.asarray(tokenizer.encode(doc), dtype=np.int32))
         if tokenizer.eos_id is not None and len(docs) > 1:
             parts.append(np.asarray([tokenizer.eos_id], dtype=np.int32))

@@ -71,7 +71,7 @@ def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
                          f"valid={len(valid_pairs):,}")
     texts = pipeline.load_text(cfg.data, progress=progress)
     tok = _tokenizer(cfg, run_dir, texts.train)
-    train_tokens = pipeline.tokenize(texts.train, tok)
+    train_tokens = pipeline.tokenize(texts.train, tok, progress=progress)
     valid_tokens = pipeline.tokenize(texts.valid, tok)
     train = pipeline.LMBatches(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, **proc)
     valid = pipeline.LMBatches(valid_tokens, t.seq_len, t.batch_size, shuffle=False, **proc)

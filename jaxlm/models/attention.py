@@ -2,7 +2,20 @@
 
 Shapes: B batch, T query length, S key length, N query heads, K key/value heads,
 G = N // K query heads per key/value head (grouped-query attention), H head width.
-Masks are boolean, True where attention is allowed, shaped [B, T, S] (no head axis).
+Masks are boolean, True where attention is allowed, shaped [B, T, S] (no head axis), or a
+structured `MaskSpec` (causal / window / segments / padding) that block kernels expand tile by
+tile instead of holding T×S booleans.
+
+Implementations (`impl`, config `model.attention`):
+  reference  einsum, float32 softmax; the definition every other one is tested against
+  xla        jax.nn.dot_product_attention(implementation="xla")
+  cudnn      jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention,
+             NVIDIA GPUs, bfloat16/float16
+  splash     Pallas TPU splash attention (no bias; structured masks only)
+  flash      Pallas TPU flash attention (takes a bias; no local window)
+  chunked    pure-JAX blockwise online softmax: O(T·block) memory, every backend
+  auto       cudnn on NVIDIA GPUs, splash (or flash with a bias) on TPU, where the inputs
+             allow; xla otherwise
 """
 
 from __future__ import annotations
@@ -12,7 +25,15 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("reference", "xla")
+from jaxlm.config import ConfigError
+from jaxlm.models.kernels.chunked import chunked_attention
+from jaxlm.models.kernels.mask import MaskSpec
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto")
+
+__all__ = ["IMPLEMENTATIONS", "MaskSpec", "attention", "causal_mask", "combine_masks",
+           "local_window_mask", "padding_mask", "resolve_impl", "rope", "segment_mask",
+           "select_mask", "sinusoidal_positions", "relative_position_buckets"]
 
 
 def causal_mask(q_len: int, kv_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
@@ -37,6 +58,16 @@ def padding_mask(kv_valid_BS: jax.Array, q_len: int) -> jax.Array:
 def segment_mask(q_segment_BT: jax.Array, kv_segment_BS: jax.Array) -> jax.Array:
     """[B, T, S]: packed documents attend only within their own segment id."""
     return q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
+
+
+def select_mask(on: jax.Array | bool, mask_a, mask_b):
+    """mask_a where `on` (a traced per-layer flag welcome), else mask_b. For MaskSpecs,
+    mask_a must be mask_b plus a window (as DecoderLM builds its local layers' mask)."""
+    if isinstance(mask_a, MaskSpec):
+        if not mask_a.window:
+            raise ValueError("select_mask: the first MaskSpec needs a window")
+        return mask_a.with_window(on)
+    return jnp.where(on, mask_a, mask_b)
 
 
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
@@ -71,28 +102,117 @@ def _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale):
                                         scale=scale, implementation="xla")
 
 
+def _is_nvidia() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and "rocm" not in getattr(dev.client, "platform_version", "")
+
+
+def _cudnn_fits(q_BTNH) -> bool:
+    return q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and q_BTNH.shape[-1] % 8 == 0 \
+        and q_BTNH.shape[-1] <= 256
+
+
+def _cudnn(q_BTNH, k_BSKH, v_BSKH, mask, bias_BNTS, scale):
+    """cuDNN's fused kernel: causal and window by flag; segments and padding (when present)
+    as a dense mask, which cuDNN folds into its bias."""
+    if not _is_nvidia():
+        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU, but the backend is "
+                          f"'{jax.default_backend()}'; use model.attention=xla or chunked")
+    if not _cudnn_fits(q_BTNH):
+        raise ConfigError(f"model.attention=cudnn needs bfloat16/float16 inputs with a head "
+                          f"width that is a multiple of 8 up to 256, got {q_BTNH.dtype} and "
+                          f"{q_BTNH.shape[-1]}; set model.dtype=bfloat16 or use xla")
+    kw = dict(bias=bias_BNTS, scale=scale, implementation="cudnn")
+    if not isinstance(mask, MaskSpec) or mask.q_offset is not None:
+        dense = mask.dense(q_BTNH.shape[1], k_BSKH.shape[1]) if isinstance(mask, MaskSpec) \
+            else mask
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=None if dense is None else dense[:, None], **kw)
+    rest = mask.replace(window_on=None).replace(window=0, causal=False)
+    rest = rest.dense(q_BTNH.shape[1], k_BSKH.shape[1]) if rest.has_arrays else None
+    kw.update(mask=None if rest is None else rest[:, None], is_causal=mask.causal)
+
+    def run(window):
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, **kw,
+                                            local_window_size=window)
+    if not mask.window:
+        return run(None)
+    banded = (mask.window - 1, 0)
+    if mask.window_on is None:
+        return run(banded)
+    return jax.lax.cond(mask.window_on, lambda: run(banded), lambda: run(None))
+
+
+def _unsupported(impl: str, what: str) -> ConfigError:
+    return ConfigError(f"model.attention={impl} cannot apply {what}; use model.attention="
+                       "chunked, xla or reference")
+
+
+def resolve_impl(impl: str, q_BTNH: jax.Array, mask, bias_BNTS) -> str:
+    """The implementation `auto` stands for, given the backend and these inputs."""
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    structured = mask is None or (isinstance(mask, MaskSpec) and mask.q_offset is None)
+    if backend == "gpu" and _is_nvidia() and _cudnn_fits(q_BTNH):
+        return "cudnn"
+    if backend == "tpu" and structured:
+        if bias_BNTS is None:
+            return "splash"
+        if mask is None or not mask.window:
+            return "flash"
+    return "xla"
+
+
 def attention(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
     v_BSKH: jax.Array,
-    mask_BTS: jax.Array | None = None,
+    mask_BTS: jax.Array | MaskSpec | None = None,
     bias_BNTS: jax.Array | None = None,
     *,
     scale: float | None = None,
     impl: str = "reference",
 ) -> jax.Array:
-    """Multi-head (grouped-query) attention; returns [B, T, N, H] in the dtype of v."""
+    """Multi-head (grouped-query) attention; returns [B, T, N, H] in the dtype of v.
+
+    mask_BTS: dense [B, T, S] booleans or a MaskSpec; bias_BNTS: additive, broadcastable
+    to [B, N, T, S]. Raises ConfigError when `impl` can't honour the mask or bias here."""
     if q_BTNH.shape[2] % k_BSKH.shape[2]:
         raise ValueError(f"{q_BTNH.shape[2]} query heads not divisible by "
                          f"{k_BSKH.shape[2]} key/value heads")
     if scale is None:
         scale = q_BTNH.shape[-1] ** -0.5
-    if impl == "auto":
-        impl = "xla"
-    if impl == "reference":
-        return _reference(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale)
-    if impl == "xla":
-        return _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale)
+    impl = resolve_impl(impl, q_BTNH, mask_BTS, bias_BNTS)
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    spec = mask_BTS if isinstance(mask_BTS, MaskSpec) else None
+    if impl in ("reference", "xla"):
+        dense = spec.dense(T, S) if spec is not None else mask_BTS
+        fn = _reference if impl == "reference" else _xla
+        return fn(q_BTNH, k_BSKH, v_BSKH, dense, bias_BNTS, scale)
+    if impl == "chunked":
+        return chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale=scale)
+    if impl == "cudnn":
+        return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale)
+    if impl in ("splash", "flash"):
+        if jax.default_backend() == "gpu":
+            raise ConfigError(f"model.attention={impl} is a TPU kernel (the backend is 'gpu'); "
+                              "use model.attention=cudnn, xla or chunked")
+        if spec is not None and spec.q_offset is not None:
+            raise _unsupported(impl, "a query offset (KV-cache decoding)")
+        if impl == "splash":
+            from jaxlm.models.kernels.splash import splash_attention
+
+            if bias_BNTS is not None:
+                raise _unsupported(impl, "an attention bias (model.attention=flash can)")
+            if mask_BTS is not None and spec is None:
+                raise _unsupported(impl, "a dense [B, T, S] mask (it needs a MaskSpec)")
+            return splash_attention(q_BTNH, k_BSKH, v_BSKH, spec, scale=scale)
+        from jaxlm.models.kernels.flash import flash_attention
+
+        if spec is not None and spec.window:
+            raise _unsupported(impl, "a local window (model.attention=splash can)")
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale=scale)
     raise ValueError(f"unknown attention implementation '{impl}'; "
                      f"choose one of {', '.join(IMPLEMENTATIONS)}")
 

@@ -69,8 +69,10 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
+        # Logits in float32 whatever the compute dtype: bfloat16 would round them to ~3
+        # significant digits before the softmax of the loss.
         return jnp.einsum("btd,vd->btv", x_BTD.astype(self.dtype),
-                          self.embedding.astype(self.dtype))
+                          self.embedding.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
 class Norm(nn.Module):

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.models import attention as attn
 from jaxlm.models.layers import Embed, Mlp, Norm, Projection, normal_init
 
@@ -64,7 +64,7 @@ class Block(nn.Module):
         cfg = self.cfg
         if local_mask_BTS is not None:  # GPT-3: every local_every-th layer attends locally
             is_local = layer_idx % cfg.local_every == cfg.local_every - 1
-            mask_BTS = jnp.where(is_local, local_mask_BTS, mask_BTS)
+            mask_BTS = attn.select_mask(is_local, local_mask_BTS, mask_BTS)
         norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name=name, **dtypes(cfg))
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
         pre = cfg.norm_position == "pre"
@@ -88,7 +88,20 @@ class Block(nn.Module):
 _REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
+    # Weight-like matmul outputs go to pinned host memory instead of being recomputed.
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of `model.remat`; host offload needs pinned host memory."""
+    if name == "offload":
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        if "pinned_host" not in kinds:
+            raise ConfigError(f"model.remat=offload needs pinned host memory, which the "
+                              f"'{jax.default_backend()}' backend lacks; use full or "
+                              "dots_saveable")
+    return _REMAT_POLICIES[name]
 
 
 class Stack(nn.Module):
@@ -107,7 +120,7 @@ class Stack(nn.Module):
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
-            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat],
+            block = nn.remat(block, policy=remat_policy(cfg.remat),
                              prevent_cse=not cfg.scan_layers)
         args = (mask_BTS, pos_BT, enc_BSD, enc_mask_BTS, enc_pos_BS, bias_BNTS, local_mask_BTS)
         if cfg.scan_layers:
@@ -148,15 +161,10 @@ class DecoderLM(nn.Module):
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ACT_AXES)
 
-        mask_BTS = jnp.broadcast_to(attn.causal_mask(T, T), (B, T, T))
-        if segment_ids_BT is not None:
-            mask_BTS = mask_BTS & attn.segment_mask(segment_ids_BT, segment_ids_BT)
-        if padding_mask_BT is not None:
-            mask_BTS = mask_BTS & attn.padding_mask(padding_mask_BT, T)
-
-        local_BTS = None
-        if cfg.local_window:
-            local_BTS = mask_BTS & attn.local_window_mask(T, T, cfg.local_window)
+        # Structured, not [B, T, T]: block kernels build only the tiles they visit.
+        mask_BTS = attn.MaskSpec(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT,
+                                 kv_valid_BS=padding_mask_BT, causal=True)
+        local_BTS = mask_BTS.replace(window=cfg.local_window) if cfg.local_window else None
         x_BTD = Stack(cfg, cfg.num_layers, deterministic, name="decoder")(
             x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS)
         if cfg.norm_position == "pre":

@@ -23,6 +23,7 @@ from jaxlm.models.transformer import build_model
 from jaxlm.objectives import loss_for
 from jaxlm.optim import lr_schedule, make_optimizer
 from jaxlm.train import report, rundir
+from jaxlm.train.health import StepHealth, TrainingDiverged
 from jaxlm.train.state import count_params, init_state, state_shardings
 from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
@@ -149,7 +150,9 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
         t_log, tokens_since, pending = time.time(), 0, []
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len  # positions processed
         step = start
-        for step in range(start + 1, total + 1):
+        health = StepHealth(cfg.train.max_bad_steps, cfg.train.spike_zscore)
+        while step < total:
+            step += 1
             batch = sharding.host_batch_to_global(
                 data_setup.batch_at(data, data.train, position, family), mesh)
             state, metrics = train_step(state, batch)
@@ -167,6 +170,17 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
                        "bad_steps": int(sum(int(f["bad_step"]) for f in fetched))}
                 metrics_out.write(row)
                 summary.history.append(row)
+                for event in health.observe(fetched, step - len(fetched) + 1):
+                    metrics_out.write(event)
+                    _say(f"step {event['step']}: {event['event']} (loss {event['loss']:.4g})",
+                         False)
+                if health.exhausted:
+                    state, step, position = _recover(cfg, ckpt, abstract, step, position,
+                                                     metrics_out, health.rollbacks)
+                    health.reset()
+                    health.rollbacks += 1
+                    t_log, tokens_since, pending = time.time(), 0, []
+                    continue
                 summary.train_loss, summary.tokens_per_sec = row["loss"], tps
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
                 if bar.disable and (step % plain_every == 0 or step == total):
@@ -209,6 +223,31 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
     if _is_main():
         rundir.write_summary(run_dir, report.end_record(cfg, summary))
     return summary
+
+
+def _recover(cfg: Config, ckpt: Checkpointer, abstract, step: int, position: int,
+             metrics_out, rollbacks_so_far: int) -> tuple:
+    """After max_bad_steps bad steps in a row (non-finite or loss spikes): roll back to the
+    newest checkpoint and go on from the current data position, skipping the batches seen
+    since (PaLM's recipe)."""
+    bad = cfg.train.max_bad_steps
+    if (cfg.train.on_bad_steps == "stop" or ckpt.latest_step() is None
+            or rollbacks_so_far >= cfg.train.max_rollbacks):
+        why = ("" if cfg.train.on_bad_steps == "stop"
+               else " and there is no checkpoint to roll back to" if ckpt.latest_step() is None
+               else f" after {rollbacks_so_far} rollbacks (train.max_rollbacks)")
+        raise TrainingDiverged(
+            f"{bad} bad (non-finite or spiking) steps in a row up to step {step}{why}; lower "
+            f"optim.lr, check "
+            f"the data near position {position}, or set train.on_bad_steps=rollback")
+    ckpt.wait()
+    back_to, state, data_state = ckpt.restore(abstract)
+    skipped = position - int(data_state.get("position", back_to))
+    metrics_out.write({"step": step, "event": "rollback", "to_step": back_to,
+                       "skipped_batches": skipped})
+    _say(f"step {step}: {bad} bad steps in a row; rolled back to step {back_to}, "
+         f"skipping {skipped} batches", False)
+    return state, back_to, position
 
 
 def format_summary(s: Summary) -> str:

@@ -24,7 +24,11 @@ class TrainState:
 
 
 def dummy_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 8) -> tuple:
-    return (jnp.zeros((batch_size, seq_len), jnp.int32),)
+    """Positional inputs that trace every parameter: (src, tgt) for encoder-decoders."""
+    tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+    if model.cfg.family == "encoder_decoder":
+        return tokens, tokens
+    return (tokens,)
 
 
 def _init_variables(model: nn.Module, rng: jax.Array):

@@ -66,7 +66,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Also guard the update itself: a non-finite learning rate gives finite gradients.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+            optax.tree.norm(updates))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         new_state = TrainState(step=state.step + 1,
                                params=keep(new_params, state.params),

@@ -1,0 +1,74 @@
+"""Compile time of the train step against depth, with the layers scanned (nn.scan: one
+traced block whatever the depth) and unrolled (one traced block per layer).
+
+    python benchmarks/compile_time.py [--layers 4 32] [--repeats 3]
+
+Prints a markdown table: the best of `repeats` compiles (lower + XLA compile) per setting,
+and the 32-to-4-layer ratio. Nothing runs, so it works on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig, OptimConfig
+from jaxlm.models.transformer import build_model
+from jaxlm.optim import lr_schedule, make_optimizer
+from jaxlm.train.state import TrainState
+from jaxlm.train.step import make_train_step
+
+MODEL = ModelConfig(d_model=256, num_heads=4, d_ff=1024, vocab_size=256, max_seq_len=256,
+                    attention="xla")
+
+
+def compile_seconds(cfg: ModelConfig, batch: int = 8, seq_len: int = 256) -> float:
+    model = build_model(cfg)
+    tx = make_optimizer(OptimConfig(), 100)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+
+    def init(rng):
+        params = model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=rng)
+
+    state = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    batch_spec = {"inputs": tokens, "targets": tokens,
+                  "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
+    # A fresh function each time, so no tracing or compilation cache is reused.
+    step = make_train_step(model, tx, lr_schedule(OptimConfig(), 100))
+    t0 = time.perf_counter()
+    jax.jit(step, donate_argnums=0).lower(state, batch_spec).compile()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, nargs=2, default=[4, 32])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    jax.config.update("jax_compilation_cache_dir", None)
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}; model d_model "
+          f"{MODEL.d_model}, {MODEL.num_heads} heads, batch 8 × 256 tokens\n")
+    results = {}
+    for scan in (True, False):
+        for n in args.layers:
+            cfg = dataclasses.replace(MODEL, num_layers=n, scan_layers=scan)
+            times = [compile_seconds(cfg) for _ in range(args.repeats)]
+            results[scan, n] = min(times)
+            print(f"  scan_layers={scan!s:5s} {n:3d} layers: "
+                  f"{', '.join(f'{t:.1f}' for t in times)} s", flush=True)
+    small, big = args.layers
+    print(f"\n| scan_layers | {small} layers (s) | {big} layers (s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for scan in (True, False):
+        a, b = results[scan, small], results[scan, big]
+        print(f"| {scan} | {a:.1f} | {b:.1f} | {b / a:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
