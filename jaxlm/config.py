@@ -91,6 +91,8 @@ class DataConfig:
     text_field: str = _f("text", "field holding the text in jsonl files")
     tokenizer: str = _f("byte", "byte | bpe (trained on the corpus) | path to a tokenizer dir")
     bpe_vocab_size: int = _f(8192, "vocabulary size when tokenizer=bpe")
+    utf8_errors: str = _f("replace", "bytes that are not UTF-8 in .txt data: replace (and "
+                          "warn with a count) | error")
     source_field: str = _f("source", "jsonl field of the source text (encoder-decoder pairs)")
     target_field: str = _f("target", "jsonl field of the target text (encoder-decoder pairs)")
 
@@ -317,7 +319,10 @@ def _read_yaml(name_or_path: str) -> tuple[str, dict[str, Any]]:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config '{name_or_path}' is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config '{name_or_path}' is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config '{name_or_path}' must be a mapping of keys")
     return name, raw

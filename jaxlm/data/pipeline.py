@@ -9,6 +9,7 @@ materialises only its own rows of the global batch.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -39,7 +42,27 @@ def expand_files(patterns: list[str]) -> list[str]:
     return files
 
 
-def read_texts(files: list[str], text_field: str = "text") -> list[str]:
+def _read_text_file(path: str, utf8_errors: str) -> list[str]:
+    """One document per .txt file via HF datasets; bytes that are not UTF-8 are replaced
+    (and counted in a warning) or refused, as data.utf8_errors says."""
+    import datasets
+
+    raw = Path(path).read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if utf8_errors == "error":
+            raise DataError(f"'{path}' is not valid UTF-8 (byte {e.start}); fix the file or "
+                            "set data.utf8_errors=replace") from None
+        bad = raw.decode("utf-8", errors="replace").count("\ufffd")
+        log.warning("%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD", path, bad)
+    ds = datasets.load_dataset("text", data_files=path, split="train", sample_by="document",
+                               encoding_errors="replace")
+    return ds["text"]
+
+
+def read_texts(files: list[str], text_field: str = "text",
+               utf8_errors: str = "replace") -> list[str]:
     """Documents from local .txt (one document per file) or .jsonl/.json files, via HF datasets."""
     import datasets
 
@@ -56,8 +79,7 @@ def read_texts(files: list[str], text_field: str = "text") -> list[str]:
                                 f"{', '.join(ds.column_names)}); set data.text_field")
             docs += [t for t in ds[text_field] if t]
         else:
-            ds = datasets.load_dataset("text", data_files=f, split="train", sample_by="document")
-            docs += [t for t in ds["text"] if t]
+            docs += [t for t in _read_text_file(f, utf8_errors) if t]
     if not any(d.strip() for d in docs):
         raise DataError(f"no text in {', '.join(files)}: the corpus is empty")
     return docs
@@ -73,9 +95,10 @@ class TextSplits:
 def load_text(cfg: DataConfig, progress: bool = True) -> TextSplits:
     """Training and validation documents from local files or a prepared corpus."""
     if cfg.files:
-        train_docs = read_texts(expand_files(cfg.files), cfg.text_field)
+        train_docs = read_texts(expand_files(cfg.files), cfg.text_field, cfg.utf8_errors)
         if cfg.valid_files:
-            valid_docs = read_texts(expand_files(cfg.valid_files), cfg.text_field)
+            valid_docs = read_texts(expand_files(cfg.valid_files), cfg.text_field,
+                                    cfg.utf8_errors)
         else:
             train_docs, valid_docs = _hold_out(train_docs, cfg.valid_fraction)
         return TextSplits(train_docs, valid_docs, ",".join(cfg.files))

@@ -104,13 +104,6 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
 
-    if _is_main():
-        rundir.write_config(run_dir, cfg)
-        if not (run_dir / rundir.TOKENIZER_DIR).exists():
-            tokenizer.save(run_dir / rundir.TOKENIZER_DIR)
-    metrics_out = rundir.MetricsWriter(
-        run_dir, enabled=_is_main(),
-        trackers=tracking.open_trackers(cfg, run_dir) if _is_main() else ())
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
                         keep_period=cfg.checkpoint.keep_period,
                         async_save=cfg.checkpoint.async_save)
@@ -124,6 +117,15 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
             _say(f"resumed {run_dir} from step {step0}", False)
         else:
             state = init_state(model, tx, mesh, cfg.seed)
+        # Written only now: a refused resume (another model, unreadable checkpoints) must
+        # leave the run directory as it was.
+        if _is_main():
+            rundir.write_config(run_dir, cfg)
+            if not (run_dir / rundir.TOKENIZER_DIR).exists():
+                tokenizer.save(run_dir / rundir.TOKENIZER_DIR)
+        metrics_out = rundir.MetricsWriter(
+            run_dir, enabled=_is_main(),
+            trackers=tracking.open_trackers(cfg, run_dir) if _is_main() else ())
         summary.params = count_params(state.params)
         start = int(state.step)
         _say(f"model: {cfg.model.preset} family={cfg.model.family} "
@@ -157,10 +159,11 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
                 data_setup.batch_at(data, data.train, position, family), mesh)
             state, metrics = train_step(state, batch)
             position += 1
+            stop = _all_agree_to_stop(preempt.requested)
             tokens_since += tokens_per_step
             pending.append(metrics)
             bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total or preempt.requested:
+            if step % cfg.train.log_every == 0 or step == total or stop:
                 fetched = jax.device_get(pending)  # one sync per log interval
                 now = time.time()
                 tps = tokens_since / max(now - t_log, 1e-9)
@@ -201,9 +204,9 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
                        f"({ev['eval_bits_per_byte']:.3f} bits/byte)")
                 bar.write(msg, file=sys.stderr) if not bar.disable else _say(msg, quiet)
                 t_log = time.time()  # evaluation time is not training throughput
-            if step % cfg.checkpoint.every == 0 or step == total or preempt.requested:
+            if step % cfg.checkpoint.every == 0 or step == total or stop:
                 ckpt.save(step, state, {"position": position}, force=True)
-            if preempt.requested:
+            if stop:
                 summary.stopped_early = True
                 break
         bar.close()
@@ -223,6 +226,16 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
     if _is_main():
         rundir.write_summary(run_dir, report.end_record(cfg, summary))
     return summary
+
+
+def _all_agree_to_stop(requested: bool) -> bool:
+    """Preemption on multi-host: a signal may reach the processes at different steps; they
+    stop (and save) at the first step at which any of them has it, all at the same step."""
+    if jax.process_count() == 1:
+        return requested
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(requested))))
 
 
 def _recover(cfg: Config, ckpt: Checkpointer, abstract, step: int, position: int,
