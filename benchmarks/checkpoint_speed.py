@@ -1,0 +1,74 @@
+"""Checkpoint save (blocking part and total) and restore time for a ~124M-parameter GPT-2
+train state (params + AdamW moments, ~1.5 GB) on this machine. Prints a markdown table.
+
+    python benchmarks/checkpoint_speed.py [--dir /tmp/ckpt_bench] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxlm import config as config_lib
+from jaxlm import sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import MeshConfig
+from jaxlm.models.transformer import build_model
+from jaxlm.optim import make_optimizer
+from jaxlm.train.state import count_params, init_state, state_shardings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/jaxlm_ckpt_bench")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    cfg = config_lib.load(None, ["model.preset=gpt2", "model.num_layers=12", "model.d_model=768",
+                                 "model.num_heads=12", "model.d_ff=3072",
+                                 "model.vocab_size=50257", "model.max_seq_len=1024",
+                                 "train.seq_len=128", "model.scan_layers=true"])
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    model, tx = build_model(cfg.model), make_optimizer(cfg.optim, 10)
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    with jax.set_mesh(mesh):
+        state = init_state(model, tx, mesh, seed=0)
+        abstract, _ = state_shardings(model, tx, mesh)
+        jax.block_until_ready(state)
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        blocking, total, restore = [], [], []
+        for r in range(args.repeats):
+            ckpt = Checkpointer(root, keep=1, async_save=True)
+            t0 = time.perf_counter()
+            ckpt.save(r, state, {"position": r}, force=True)
+            t1 = time.perf_counter()
+            ckpt.wait()
+            t2 = time.perf_counter()
+            blocking.append(t1 - t0)
+            total.append(t2 - t0)
+            t3 = time.perf_counter()
+            _, restored, _ = ckpt.restore(abstract)
+            jax.block_until_ready(restored)
+            restore.append(time.perf_counter() - t3)
+            ckpt.close()
+    med = statistics.median
+    print(f"| state | {count_params(state.params) / 1e6:.0f}M params, {nbytes / 1e9:.2f} GB "
+          f"(params + AdamW) |")
+    print("|---|---|")
+    print(f"| save, blocking part (median of {args.repeats}) | {med(blocking):.2f} s |")
+    print(f"| save, total until committed | {med(total):.2f} s |")
+    print(f"| restore | {med(restore):.2f} s |")
+    print(f"| machine | {platform.machine()}, {jax.device_count()} CPU device(s), "
+          f"jax {jax.__version__}, orbax {ocp.__version__} |")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
