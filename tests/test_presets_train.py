@@ -52,3 +52,18 @@ def test_seq2seq_trains_on_jsonl_pairs(tmp_path):
                  f"run.dir={run}"]) == 0
     losses = [r["loss"] for r in rundir.read_metrics(run) if "loss" in r]
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_bpe_tokenizer_is_trained_saved_and_reused(tmp_path, text_file):
+    from jaxlm.data.tokenizers import load_tokenizer
+
+    run = tmp_path / "bpe"
+    args = ["train", "model.preset=gpt2", *TINY, f"data.files={text_file}", f"run.dir={run}",
+            "data.tokenizer=bpe", "data.bpe_vocab_size=300", "model.vocab_size=300"]
+    assert main(args) == 0
+    tok = load_tokenizer(run / "tokenizer")
+    assert 260 < tok.vocab_size <= 300
+    ids = tok.encode("the quick brown fox")
+    assert len(ids) < len("the quick brown fox") and tok.decode(ids) == "the quick brown fox"
+    lm = jaxlm.load(run)
+    assert lm.tokenizer.encode("lazy dog") == tok.encode("lazy dog")
