@@ -89,3 +89,42 @@ def test_two_processes_train_like_one_and_restore_in_one(tmp_path):
     lm_two, lm_one = jaxlm.load(two), jaxlm.load(one)
     chex.assert_trees_all_close(lm_two.params, lm_one.params, rtol=1e-5, atol=1e-5)
     assert isinstance(lm_two.generate("to be", max_new_tokens=8), str)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """A preemption signal that reaches only one host: every process stops and saves at the
+    same step (they agree each step), all exit 0, and the run resumes from there."""
+    import signal
+    import time
+
+    (tmp_path / "corpus.txt").write_text("\n".join(f"line {i}: to be or not to be"
+                                                   for i in range(600)))
+    run = tmp_path / "run"
+    port = _free_port()
+    common = [f"data.files={tmp_path / 'corpus.txt'}", "train.steps=400", "train.log_every=1",
+              "train.eval_every=0", "checkpoint.every=1000", "run.quiet=true", *SHAPE]
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.cli", "train", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i), f"run.dir={run}", *common],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / rundir.METRICS_FILE).exists():
+        time.sleep(0.2)
+    time.sleep(2.0)
+    procs[1].send_signal(signal.SIGTERM)  # only the second host hears it
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    steps = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] < 400
+    assert max(r["step"] for r in rundir.read_metrics(run) if "loss" in r) == steps[0]
