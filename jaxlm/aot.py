@@ -16,7 +16,7 @@ from jaxlm import sharding
 from jaxlm.config import Config, ConfigError
 from jaxlm.models.transformer import build_model
 from jaxlm.optim import lr_schedule, make_optimizer
-from jaxlm.train.report import flops_per_token
+from jaxlm.perf import flops_per_token
 from jaxlm.train.state import count_params, state_shardings
 from jaxlm.train.step import jit_train_step, make_train_step
 
@@ -128,6 +128,6 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
         opt_state_bytes_per_chip=opt_b, temp_bytes_per_chip=temp_b,
         total_bytes_per_chip=total_b, hbm_bytes_per_chip=hbm_b,
         fits=None if hbm_b is None else total_b <= hbm_b,
-        flops_per_step=flops_per_token(cfg, count_params(abstract.params)) * B * T,
+        flops_per_step=flops_per_token(cfg, abstract.params) * B * T,
         xla_flops_per_step=float(cost.get("flops", 0.0)) * len(devices),
         compile_seconds=seconds)

@@ -10,12 +10,14 @@ from collections.abc import Callable
 EXAMPLES = {
     "train": "jaxlm train train.steps=200 model.num_layers=2 run.dir=runs/quick",
     "generate": 'jaxlm generate --run runs/tiny --prompt "ROMEO:" --max-new-tokens 200',
-    "eval": "jaxlm eval --run runs/tiny",
+    "eval": "jaxlm eval --run runs/mt --task translate --beams 4",
     "prepare": "jaxlm prepare shakespeare",
     "plot": "jaxlm plot runs/tiny runs/longer --out compare.png",
     "runs": "jaxlm runs runs",
     "convert": "jaxlm convert hf2jaxlm --hf path/to/hf_model --out runs/converted",
     "export": "jaxlm export --run runs/tiny --out exports/tiny",
+    "bench": "jaxlm bench --steps 20 model.num_layers=4 train.batch_size=16",
+    "profile": "jaxlm profile --run runs/tiny --out profile.png",
     "compile": "jaxlm compile --topology v5p:4x4x4 model.preset=llama mesh.data=1 mesh.fsdp=-1",
 }
 
@@ -69,18 +71,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lm = jaxlm.load(args.run)
     texts = lm.generate([args.prompt] * args.num_samples, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed)
+                        seed=args.seed, beams=args.beams, length_penalty=args.length_penalty)
+    # A decoder continues the prompt; an encoder-decoder's output stands alone.
+    prefix = "" if lm.config.model.family == "encoder_decoder" else args.prompt
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + text)
+        print(prefix + text)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jaxlm.evaluate import evaluate_run
+    if args.task and args.task != "lm":
+        from jaxlm.tasks import evaluate_task
 
-    results = evaluate_run(args.run, max_batches=args.max_batches, progress=not args.quiet)
+        results = evaluate_task(args.run, args.task, max_examples=args.max_examples,
+                                beams=args.beams, length_penalty=args.length_penalty,
+                                split=args.split, progress=not args.quiet)
+    else:
+        from jaxlm.evaluate import evaluate_run
+
+        results = evaluate_run(args.run, max_batches=args.max_batches, progress=not args.quiet)
     for k, v in results.items():
         print(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}")
     return 0
@@ -125,6 +136,35 @@ def cmd_compile(args: argparse.Namespace) -> int:
     report = compile_for_topology(cfg, args.topology)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     return 0 if report.fits is not False else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxlm import config as config_lib
+    from jaxlm.bench import bench
+
+    cfg = config_lib.load(args.config, args.overrides)
+    result = bench(cfg, steps=args.steps, warmup=args.warmup)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxlm import config as config_lib
+    from jaxlm import profile
+
+    if args.run:
+        report = profile.from_run(args.run, steps=args.steps, overrides=args.overrides)
+    else:
+        cfg = config_lib.load(args.config, args.overrides)
+        report = profile.profile(cfg, steps=args.steps)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
+    if args.out:
+        print(f"wrote {profile.figure(report, args.out)}", file=sys.stderr)
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -200,11 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--num-samples", type=int, default=1, help="samples to draw")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--beams", type=int, default=1,
+                   help="beam search width (encoder-decoder models; 1 = greedy/sampling)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search ranks by score / length**this (0 = raw log-prob)")
 
     e = add("eval", cmd_eval, "evaluate a run on its held-out data")
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--max-batches", type=int, default=0, help="0 = the whole validation split")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--task", choices=("lm", "translate", "summarize", "qa"), default="lm",
+                   help="lm: loss/perplexity/bits per byte; translate: BLEU+chrF (with the "
+                        "copy-the-source baseline); summarize: ROUGE; qa: SQuAD EM/F1")
+    e.add_argument("--split", choices=("test", "valid"), default="test",
+                   help="held-out pairs of a prepared corpus (test falls back to valid)")
+    e.add_argument("--max-examples", type=int, default=0, help="0 = every held-out pair")
+    e.add_argument("--beams", type=int, default=1, help="beam width for generation tasks")
+    e.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search ranks by score / length**this")
 
     r = add("prepare", cmd_prepare, "download, verify and cache a public-domain corpus")
     r.add_argument("name", help="corpus name, e.g. shakespeare")
@@ -239,6 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--json", action="store_true", help="print JSON instead of a table")
     co.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
+    be = add("bench", cmd_bench, "time steady-state training of a configuration on random "
+             "tokens: tokens/s, step time, compile time, MFU (PaLM formula and XLA cost "
+             "analysis), peak memory per device")
+    be.add_argument("--config", default=None, help="config name or YAML path; default: tiny")
+    be.add_argument("--steps", type=int, default=20, help="timed steps")
+    be.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    be.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    be.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    pf = add("profile", cmd_profile, "the bottleneck report of a run or a configuration: "
+             "input-, host-, compute- or memory-bound, communication per collective, memory "
+             "split, gradient health (with --run)")
+    pf.add_argument("--run", default=None, help="run directory (its config, data, metrics "
+                    "and newest checkpoint)")
+    pf.add_argument("--config", default=None, help="config name or YAML path (without --run)")
+    pf.add_argument("--steps", type=int, default=10, help="timed steps")
+    pf.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pf.add_argument("--out", default="", metavar="FILE.png", help="also draw a PNG figure")
+    pf.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
     pl = add("plot", cmd_plot, "draw one PNG comparing runs: loss vs steps and tokens, eval "
              "loss, learning rate, gradient norm, throughput")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -260,7 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     from jaxlm.train.health import TrainingDiverged
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after flags (`train --config x a=b --quiet c=d`); argparse alone
+    # stops collecting positionals at the first flag.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlm import progress, sharding, tracking
+from jaxlm import perf, progress, sharding, tracking
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import setup as data_setup
@@ -133,9 +133,14 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
              f"devices={jax.device_count()} ({jax.devices()[0].platform})  "
              f"{data.description}", quiet)
         _say(report.model_summary(abstract.params, cfg), quiet)
-        summary.flops_per_token = report.flops_per_token(cfg, summary.params)
+        # MFU in the metrics rows: model FLOPs (perf: causal attention halved) over the peak
+        # of all devices (a table, or on CPU a ~0.3 s matmul measured here).
+        model_flops_per_token = perf.flops_per_token(cfg, abstract.params)
+        summary.flops_per_token = model_flops_per_token
+        peak_flops = perf.device_flops(cfg.model.dtype, seconds=0.3) * jax.device_count()
         if _is_main():
-            rundir.write_summary(run_dir, report.start_record(cfg, summary.params))
+            rundir.write_summary(run_dir, report.start_record(cfg, summary.params,
+                                                              model_flops_per_token))
 
         train_step = jit_train_step(
             make_train_step(model, tx, schedule, grad_accum_steps=cfg.optim.grad_accum_steps,
@@ -170,6 +175,7 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
                 m = fetched[-1]
                 row = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
                        "grad_norm": float(m["grad_norm"]), "tokens_per_sec": round(tps, 1),
+                       "mfu": round(tps * model_flops_per_token / peak_flops, 4),
                        "bad_steps": int(sum(int(f["bad_step"]) for f in fetched))}
                 metrics_out.write(row)
                 summary.history.append(row)

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from jaxlm import perf
 from jaxlm.config import Config
 
 _NUMBERED = re.compile(r"^(.*?)_?(\d+)$")
@@ -24,21 +25,6 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.0f}"
-
-
-def attention_layers(cfg: Config) -> int:
-    m = cfg.model
-    if m.family == "encoder_decoder":
-        return m.num_layers + (m.num_decoder_layers or m.num_layers)
-    return m.num_layers
-
-
-def flops_per_token(cfg: Config, num_params: int) -> float:
-    """Training FLOPs per token ≈ 6N (forward + backward matmuls) + 12·L·d_attn·T (attention
-    scores and values, PaLM appendix B; the causal mask's savings are not subtracted)."""
-    m = cfg.model
-    d_attn = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-    return 6.0 * num_params + 12.0 * attention_layers(cfg) * d_attn * cfg.train.seq_len
 
 
 def _size(leaf: Any) -> int:
@@ -96,18 +82,18 @@ def model_summary(params: Any, cfg: Config) -> str:
     lines.append("largest tensors (shape, mesh sharding, per-device shard)")
     for name, shape, spec, shard in largest_tensors(params):
         lines.append(f"  {name:34s} {str(shape):16s} {spec:28s} {shard}")
-    fpt = flops_per_token(cfg, total)
+    fpt = perf.flops_per_token(cfg, params)
     step_tokens = cfg.train.batch_size * cfg.train.seq_len
-    lines.append(f"FLOPs/token ≈ 6N + 12·L·d·T = {human(fpt)}  "
+    lines.append(f"FLOPs/token ≈ 6N + 12·L·d·T (causal half) = {human(fpt)}  "
                  f"({human(fpt * step_tokens)} per step of {step_tokens:,} tokens)")
     return "\n".join(lines)
 
 
-def start_record(cfg: Config, num_params: int) -> dict[str, Any]:
+def start_record(cfg: Config, num_params: int, flops_per_token: float) -> dict[str, Any]:
     """summary.json while training: `running`, with the process that can be checked."""
     return {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
             "started": round(time.time(), 3), "preset": cfg.model.preset,
-            "params": num_params, "flops_per_token": flops_per_token(cfg, num_params),
+            "params": num_params, "flops_per_token": flops_per_token,
             "total_steps": cfg.train.steps}
 
 
@@ -119,4 +105,4 @@ def end_record(cfg: Config, summary: Any) -> dict[str, Any]:
     done = summary.steps >= cfg.train.steps
     return {"status": "finished" if done else "stopped", "ended": round(time.time(), 3),
             "preset": cfg.model.preset, "total_steps": cfg.train.steps,
-            "flops_per_token": flops_per_token(cfg, summary.params), **fields}
+            **fields}

@@ -1,0 +1,220 @@
+"""FLOPs per token, device peaks, and MFU.
+
+Model FLOPs follow PaLM (appendix B): per trained token, 6·N for the matmuls of the forward
+and backward passes plus 12·L·H·Q·T for attention scores and values (L attention layers,
+H heads of width Q, context T), halved when the attention is causal: MFU counts the work
+the model needs, not the masked-out half a dense kernel computes anyway.
+
+N counts the matmul weights: every projection kernel, and the token embedding table only when
+it is tied to the output projection (then it *is* the [D, V] logits matmul). Lookup-only
+tables (learned positions, an untied token table, T5's relative bias) are no matmul and are
+left out, and so are biases and norm scales (elementwise; < 1% of N at usual widths). With
+this N the formula with dense attention equals the dot_general FLOPs of the traced step
+exactly (`jaxpr_matmul_flops`; tests/test_perf.py checks it).
+
+Peaks: a per-device table (dense, no sparsity) keyed by `device_kind`; on CPU, a matrix
+product measured at start. Nothing assumes a particular machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.config import Config
+
+# device_kind substring -> {dtype: peak FLOP/s per chip}, HBM bandwidth (bytes/s).
+# float32 on TPU runs the MXU at default precision (bf16 passes), on A100/H100/H200 JAX's
+# default float32 matmul precision uses TF32 tensor cores: the table lists what a float32
+# step at default precision can reach.
+_T = 1e12
+DEVICE_PEAKS: dict[str, dict[str, float]] = {
+    "TPU v4": {"bfloat16": 275 * _T, "float32": 275 * _T, "hbm_bw": 1.2e12},
+    "TPU v5 lite": {"bfloat16": 197 * _T, "float32": 197 * _T, "hbm_bw": 0.819e12},
+    "TPU v5e": {"bfloat16": 197 * _T, "float32": 197 * _T, "hbm_bw": 0.819e12},
+    "TPU v5p": {"bfloat16": 459 * _T, "float32": 459 * _T, "hbm_bw": 2.765e12},
+    "TPU v5": {"bfloat16": 459 * _T, "float32": 459 * _T, "hbm_bw": 2.765e12},
+    "TPU v6 lite": {"bfloat16": 918 * _T, "float32": 918 * _T, "hbm_bw": 1.64e12},
+    "TPU v6e": {"bfloat16": 918 * _T, "float32": 918 * _T, "hbm_bw": 1.64e12},
+    "H200": {"bfloat16": 989 * _T, "float32": 494.5 * _T, "hbm_bw": 4.8e12},
+    "H100 PCIe": {"bfloat16": 756 * _T, "float32": 378 * _T, "hbm_bw": 2.0e12},
+    "H100": {"bfloat16": 989 * _T, "float32": 494.5 * _T, "hbm_bw": 3.35e12},
+    "A100-SXM4-40GB": {"bfloat16": 312 * _T, "float32": 156 * _T, "hbm_bw": 1.555e12},
+    "A100-PCIE-40GB": {"bfloat16": 312 * _T, "float32": 156 * _T, "hbm_bw": 1.555e12},
+    "A100": {"bfloat16": 312 * _T, "float32": 156 * _T, "hbm_bw": 2.039e12},
+}
+
+
+# ------------------------------------------------------------------------- model FLOPs
+
+def _size(x: Any) -> int:
+    return int(np.prod(x.shape)) if x.shape else 1
+
+
+def matmul_params(params: Any, cfg: Config) -> int:
+    """N of 6N: the matmul weights (every `kernel`, and the token table when it is tied to the
+    output projection). See the module doc for what is left out and why."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel" or (name == "embedding" and cfg.model.tie_embeddings):
+            total += _size(leaf)
+    return total
+
+
+def _attn_layers(cfg: Config) -> tuple[int, int]:
+    """(self-attention layers that are causal, layers that are not) incl. cross-attention."""
+    m = cfg.model
+    if m.family == "decoder":
+        return m.num_layers, 0
+    if m.family == "encoder":
+        return 0, m.num_layers
+    dec = m.num_decoder_layers or m.num_layers
+    return dec, m.num_layers + dec  # decoder self (causal); encoder self + cross (dense)
+
+
+def flops_per_token(cfg: Config, params: Any, *, causal_halved: bool = True) -> float:
+    """Training FLOPs per token: 6N + 12·L·H·Q·T (causal layers halved unless told not).
+
+    `causal_halved=False` gives what a dense attention kernel executes (the masked half
+    computed and thrown away): the figure to hold against XLA's cost analysis."""
+    m = cfg.model
+    hq = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+    causal, dense = _attn_layers(cfg)
+    attn = 12.0 * hq * cfg.train.seq_len * (causal * (0.5 if causal_halved else 1.0) + dense)
+    return 6.0 * matmul_params(params, cfg) + attn
+
+
+# ------------------------------------------------------------------------- peaks
+
+def _time_best(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.cache
+def measured_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 1.5) -> float:
+    """FLOP/s of a jitted n×n matrix product on the default device, best of repeats run for
+    about `seconds` (a ceiling for this machine's dense compute at that dtype)."""
+    a = jnp.ones((n, n), jnp.dtype(dtype))
+    mm = jax.jit(lambda x, y: x @ y)
+    once = _time_best(mm, a, a, repeats=1)
+    reps = max(3, min(50, int(seconds / max(once, 1e-6))))
+    return 2.0 * n**3 / _time_best(mm, a, a, repeats=reps)
+
+
+@functools.cache
+def measured_memory_bandwidth(mib: int = 128) -> float:
+    """Host memory bytes/s, STREAM-copy style: numpy copies a `mib` MiB float32 array (larger
+    than the caches), best of 5, counting the bytes read and written. XLA's own elementwise
+    loops on CPU run on fewer threads and would understate what the memory system gives."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * src.nbytes / best
+
+
+def _table_entry(kind: str) -> dict[str, float] | None:
+    for key in sorted(DEVICE_PEAKS, key=len, reverse=True):  # longest match first
+        if key.lower() in kind.lower():
+            return DEVICE_PEAKS[key]
+    return None
+
+
+def device_flops(dtype: str = "float32", device: Any = None, seconds: float = 1.5) -> float:
+    """Peak FLOP/s of one device for the compute dtype: the table for known accelerators, a
+    measured matrix product on CPU (and unknown devices), `seconds` long."""
+    device = device or jax.devices()[0]
+    entry = _table_entry(device.device_kind)
+    if entry is not None and device.platform != "cpu":
+        return entry.get(dtype, entry["bfloat16"])
+    # One CPU "device" of a simulated multi-device mesh shares the same cores: the measured
+    # figure is for the whole process, so split it evenly.
+    share = max(1, jax.local_device_count()) if device.platform == "cpu" else 1
+    return measured_matmul_peak(dtype, seconds=seconds) / share
+
+
+def device_peak(dtype: str = "float32", device: Any = None,
+                seconds: float = 1.5) -> tuple[float, float, str]:
+    """(peak FLOP/s per device, memory bytes/s per device, source) for the compute dtype:
+    the table for known accelerators, measurements on CPU (and unknown devices)."""
+    device = device or jax.devices()[0]
+    entry = _table_entry(device.device_kind)
+    flops = device_flops(dtype, device, seconds)
+    if entry is not None and device.platform != "cpu":
+        return flops, entry["hbm_bw"], f"table ({device.device_kind})"
+    share = max(1, jax.local_device_count()) if device.platform == "cpu" else 1
+    return flops, measured_memory_bandwidth() / share, \
+        f"measured {dtype} matmul on {device.device_kind}"
+
+
+def mfu(tokens_per_sec: float, flops_per_tok: float, peak_per_device: float,
+        num_devices: int) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' summed peak."""
+    return tokens_per_sec * flops_per_tok / (peak_per_device * num_devices)
+
+
+# ------------------------------------------------------------------------- compiled analysis
+
+def cost_flops(compiled: Any, num_devices: int) -> float:
+    """Total FLOPs of one call from XLA's cost analysis (it reports one device's program)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) * num_devices
+
+
+def cost_bytes(compiled: Any, num_devices: int) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("bytes accessed", 0.0)) * num_devices
+
+
+def peak_memory(compiled: Any) -> dict[str, int]:
+    """Per-device bytes from XLA's memory analysis; donated arguments alias the outputs, so
+    the peak is about arguments + temporaries."""
+    mem = compiled.memory_analysis()
+    arg, tmp = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+    out, alias = int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes)
+    return {"argument_bytes": arg, "temp_bytes": tmp, "output_bytes": out,
+            "alias_bytes": alias, "peak_bytes": arg + tmp + out - alias}
+
+
+def jaxpr_matmul_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs of every dot_general in the traced program of fn(*args), loop bodies multiplied
+    by their trip counts: the matmul work exactly, without elementwise ops."""
+    closed = jax.make_jaxpr(fn)(*args)
+    return _count_dots(closed.jaxpr)
+
+
+def _count_dots(jaxpr: Any) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contract = math.prod(lhs[d] for d in lc)
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contract
+            continue
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            for j in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    total += times * _count_dots(inner)
+    return total

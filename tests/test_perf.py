@@ -1,0 +1,163 @@
+"""FLOPs and MFU (formula vs traced matmuls vs XLA cost analysis), device peaks, `jaxlm bench`
+and the bottleneck report of `jaxlm profile`."""
+
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import bench, perf, profile, sharding
+from jaxlm import config as config_lib
+from jaxlm.cli import main
+
+TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+        "model.vocab_size=64", "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
+
+
+def cfg_of(*overrides: str):
+    return config_lib.load("tiny", list(overrides))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_formula_with_dense_attention_equals_the_traced_matmul_flops(scan):
+    cfg = cfg_of(*TINY, f"model.scan_layers={str(scan).lower()}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    host = bench.synthetic_batch(cfg, np.random.default_rng(0))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    with jax.set_mesh(mesh):
+        _, _, abstract, step = bench.jitted_step(cfg, mesh)
+        traced = perf.jaxpr_matmul_flops(step, abstract, batch)
+    dense = perf.flops_per_token(cfg, abstract.params, causal_halved=False)
+    assert traced == pytest.approx(dense * tokens, rel=1e-9)
+    # Causal halving removes exactly half of the attention term.
+    halved = perf.flops_per_token(cfg, abstract.params)
+    assert dense - halved == pytest.approx(6 * 2 * 32 * 32)
+
+
+def test_mfu_from_the_formula_agrees_with_cost_analysis_within_10_percent():
+    cfg = cfg_of("model.num_layers=2", "model.d_model=128", "model.num_heads=2",
+                 "model.d_ff=512", "model.vocab_size=256", "model.max_seq_len=64",
+                 "train.seq_len=64", "train.batch_size=8")
+    r = bench.bench(cfg, steps=2, warmup=1)
+    assert r.tokens_per_sec > 0 and r.peak_memory_bytes_per_device > 0
+    # XLA counts more than the model's matmuls (softmax, norms, the masked half of causal
+    # attention), never less; the optimizer update, which each of the 8 data-parallel
+    # replicas repeats, is not model work and is taken out. The rest stays within 10%.
+    assert r.cost_flops_per_token - r.optimizer_flops_per_token > r.flops_per_token_dense
+    assert r.flops_per_token_dense > r.flops_per_token
+    assert r.mfu == pytest.approx(r.mfu_cost_analysis, rel=0.10)
+
+
+def _device(kind, platform):
+    return types.SimpleNamespace(device_kind=kind, platform=platform)
+
+
+@pytest.mark.parametrize("kind,dtype,flops", [
+    ("TPU v4", "bfloat16", 275e12), ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5p", "bfloat16", 459e12), ("TPU v6 lite", "bfloat16", 918e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12), ("NVIDIA H100 80GB HBM3", "float32",
+                                                     494.5e12),
+    ("NVIDIA H200", "bfloat16", 989e12)])
+def test_peak_table_by_device_kind(kind, dtype, flops):
+    peak, bw, source = perf.device_peak(dtype, _device(kind, "tpu" if "TPU" in kind else "gpu"))
+    assert peak == flops and bw > 1e11 and "table" in source
+
+
+def test_cpu_peak_is_measured():
+    peak, bw, source = perf.device_peak("float32", jax.devices()[0])
+    assert "measured" in source and 1e8 < peak * jax.local_device_count() < 1e14 and bw > 1e8
+
+
+def test_collective_bytes_from_hlo_text():
+    hlo = "\n".join([
+        "  %all-reduce.1 = f32[256,32]{1,0} all-reduce(%p), replica_groups={}",
+        "  %ag = (f32[4,8]{1,0}, f32[32,8]{1,0}) all-gather-start(%x), dimensions={0}",
+        "  %agd = f32[32,8]{1,0} all-gather-done(%ag)",
+        "  %t = (bf16[16]{0}, s32[2]{0}) all-reduce(%a, %b), to_apply=%sum",
+        "  %cp = f32[10]{0} collective-permute(%y), source_target_pairs={{0,1}}"])
+    out = profile.collective_bytes(hlo)
+    assert out["all-reduce"] == 256 * 32 * 4 + 16 * 2 + 2 * 4
+    assert out["all-gather"] == 32 * 8 * 4
+    assert out["collective-permute"] == 40 and out["reduce-scatter"] == 0
+
+
+def _slow_batches(cfg, seconds):
+    rng = np.random.default_rng(0)
+
+    def next_batch():
+        time.sleep(seconds)
+        return bench.synthetic_batch(cfg, rng)
+    return next_batch
+
+
+def test_input_starved_configuration_is_input_bound():
+    cfg = cfg_of(*TINY)
+    p = profile.profile(cfg, steps=3, warmup=1, next_batch=_slow_batches(cfg, 0.2))
+    assert p.verdict == "input-bound"
+    assert p.input_wait_fraction > 0.5
+    # Without the sleep this tiny model would be memory-bound: few FLOPs per byte moved.
+    assert p.arithmetic_intensity < p.ridge_point
+    # Eight data-parallel devices: the gradients are all-reduced every step.
+    assert p.devices == 8 and p.communication_bytes["all-reduce"] >= p.memory["params"]
+
+
+def test_large_matmul_configuration_is_compute_bound():
+    # FSDP over the 8 devices: each holds 1/8 of the optimizer state, whose update is
+    # memory-bound, and a quarter of the 4,096 tokens per step, whose matmuls are not.
+    big = cfg_of("model.num_layers=1", "model.d_model=512", "model.num_heads=4",
+                 "model.d_ff=2048", "model.vocab_size=256", "model.max_seq_len=128",
+                 "train.seq_len=128", "train.batch_size=32", "mesh.data=1", "mesh.fsdp=-1")
+    p = profile.profile(big, steps=2, warmup=1)
+    assert p.verdict == "compute-bound", p.table()
+    assert p.arithmetic_intensity > p.ridge_point
+
+
+def test_layer_flags():
+    norms = {"embed": 1.0, "decoder/layers_0": 2.0, "decoder/layers_1": 1e-9,
+             "decoder/layers_2": 500.0, "ln_final": 1.5}
+    flags = profile.flag_layers(norms)
+    assert flags == {"vanishing": ["decoder/layers_1"], "exploding": ["decoder/layers_2"]}
+
+
+@pytest.fixture(scope="module")
+def exploding_run(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import corpus
+
+    tmp = tmp_path_factory.mktemp("explode")
+    run = tmp / "run"
+    assert main(["train", "--quiet", f"run.dir={run}", f"data.files={corpus(tmp)}",
+                 "train.steps=8", "train.eval_every=0", "train.log_every=1",
+                 "train.eval_batches=1", "checkpoint.every=8", "model.init_std=30",
+                 "optim.warmup_steps=1", *TINY[:-4], "model.vocab_size=260",
+                 "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]) == 0
+    return run
+
+
+def test_gradient_health_flags_an_exploding_run(exploding_run, tmp_path, capsys):
+    from jaxlm.train import rundir
+
+    rows = [r for r in rundir.read_metrics(exploding_run) if "loss" in r]
+    assert all(0 < r["mfu"] < 1 for r in rows)  # the train loop logs MFU
+    png = tmp_path / "profile.png"
+    assert main(["profile", "--run", str(exploding_run), "--steps", "2", "--json",
+                 "--out", str(png)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    g = report["gradients"]
+    assert g["clip_rate"] == 1.0 and g["grad_norm_first"] > 100
+    assert any("clipped" in w for w in g["warnings"])
+    assert set(g["layer_grad_norms"]) >= {"embed", "decoder/layers_0", "decoder/layers_1"}
+    assert png.stat().st_size > 10_000
+
+
+def test_bench_cli_json(capsys):
+    assert main(["bench", "--steps", "2", "--warmup", "1", "--json", *TINY]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens_per_step"] == 256 and r["tokens_per_sec"] > 0 and r["mfu"] > 0
+    assert r["compile_seconds"] > 0 and r["devices"] == 8
