@@ -12,9 +12,9 @@ import numpy as np
 
 from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer, CheckpointError, restore_params, save_params
-from jaxlm.config import Config, MeshConfig
+from jaxlm.config import Config, ConfigError, MeshConfig
 from jaxlm.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
-from jaxlm.generate import generate_ids
+from jaxlm.generate import generate_ids, generate_seq2seq_ids
 from jaxlm.models.transformer import build_model
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
@@ -46,12 +46,24 @@ class LM:
 
     def generate(self, text: str | Sequence[str], max_new_tokens: int = 200,
                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0) -> str | list[str]:
-        """Continues `text` (or each of a list of texts); returns only the new text."""
+                 seed: int = 0, beams: int = 1, length_penalty: float = 1.0) -> str | list[str]:
+        """Continues `text` (or each of a list of texts); returns only the new text.
+        Encoder-decoder models instead map each text to its output (a translation, a
+        summary), by beam search when `beams` > 1 (score / length**length_penalty)."""
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer (its directory had no tokenizer "
                                  "files); call it on token ids, or add a tokenizer")
         texts = [text] if isinstance(text, str) else list(text)
+        if self.config.model.family == "encoder_decoder":
+            out = [self.tokenizer.decode(i) for i in self._seq2seq_ids(
+                texts, max_new_tokens, temperature, top_k, top_p, seed, beams, length_penalty)]
+            return out[0] if isinstance(text, str) else out
+        if self.config.model.family == "encoder":
+            raise ConfigError("a masked LM (encoder-only) does not generate text; call it on "
+                              "token ids for logits")
+        if beams > 1:
+            raise ConfigError("beam search (beams > 1) is for encoder-decoder models; this "
+                             f"is a {self.config.model.family} model")
         prompts = [self.tokenizer.encode(t) for t in texts]
         if self.tokenizer.bos_id is not None and any(len(p) == 0 for p in prompts):
             prompts = [p or [self.tokenizer.bos_id] for p in prompts]
@@ -61,6 +73,19 @@ class LM:
                            pad_id=self.tokenizer.pad_id or 0)
         out = [self.tokenizer.decode(i) for i in ids]
         return out[0] if isinstance(text, str) else out
+
+    def _seq2seq_ids(self, texts, max_new_tokens, temperature, top_k, top_p, seed, beams,
+                     length_penalty) -> list[list[int]]:
+        from jaxlm.data.setup import start_id
+
+        tok = self.tokenizer
+        eos = [tok.eos_id] if tok.eos_id is not None else []
+        sources = [tok.encode(t) + eos for t in texts]  # as the pair batches built them
+        return generate_seq2seq_ids(
+            self.model, self.params, sources, max_new_tokens=max_new_tokens,
+            start_id=start_id(tok), eos_id=tok.eos_id, pad_id=tok.pad_id or 0, beams=beams,
+            length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed)
 
 
 EXPORT_PARAMS_DIR = "params"

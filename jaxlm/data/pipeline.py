@@ -190,6 +190,40 @@ class LMBatches:
                 "loss_mask": np.ones((len(rows), self.seq_len), np.float32)}
 
 
+def pack_documents(docs: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """Packs documents into rows of `seq_len` next-token pairs with segment ids and restarted
+    positions, so attention (given segment_ids_BT and positions_BT) never crosses documents.
+
+    Each document of n tokens gives n - 1 (input, target) pairs; pairs run on from row to row,
+    a document cut at a row's end continuing as a new segment (positions from 0) in the next
+    row. Every pair appears once, and only the last row is padded (segment 0, loss_mask 0).
+    Segment ids are 1 + the document's index in `docs`.
+    Returns inputs, targets, segment_ids, positions [R, seq_len] int32 and loss_mask float32.
+    """
+    kept = [(i + 1, np.asarray(d, np.int32)) for i, d in enumerate(docs) if len(d) > 1]
+    if not kept:
+        raise DataError("no document has two tokens to pack")
+    inputs = np.concatenate([d[:-1] for _, d in kept])
+    targets = np.concatenate([d[1:] for _, d in kept])
+    doc_id = np.concatenate([np.full(len(d) - 1, i, np.int32) for i, d in kept])
+    n = len(inputs)
+    rows = -(-n // seq_len)
+    pad = rows * seq_len - n
+
+    def grid(x, fill=0):
+        return np.concatenate([x, np.full(pad, fill, x.dtype)]).reshape(rows, seq_len)
+
+    seg = grid(doc_id)
+    # A segment starts where the id changes or a row begins; positions count from there.
+    starts = np.ones_like(seg, bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    idx = np.broadcast_to(np.arange(seq_len), seg.shape)
+    last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return {"inputs": grid(inputs), "targets": grid(targets), "segment_ids": seg,
+            "positions": (idx - last_start).astype(np.int32),
+            "loss_mask": (seg > 0).astype(np.float32)}
+
+
 def for_family(batch: dict[str, np.ndarray], family: str, start_id: int) -> dict[str, np.ndarray]:
     """Reshapes a causal-LM window batch for the other objectives.
 

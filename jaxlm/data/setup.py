@@ -21,9 +21,31 @@ class TrainData:
     description: str
 
 
+def _is_pair_corpus(name: str) -> bool:
+    """Whether `jaxlm prepare NAME` makes (source, target) JSON lines (bible-mt-en-fr...)."""
+    from jaxlm.data.prepare import CORPORA
+
+    return name in CORPORA and CORPORA[name].suffix == ".jsonl"
+
+
 def _uses_pairs(cfg: Config) -> bool:
-    return cfg.model.family == "encoder_decoder" and any(
-        f.endswith((".jsonl", ".json")) for f in cfg.data.files)
+    if cfg.model.family != "encoder_decoder":
+        return False
+    if cfg.data.files:
+        return any(f.endswith((".jsonl", ".json")) for f in cfg.data.files)
+    return _is_pair_corpus(cfg.data.name)
+
+
+def pair_files(cfg: Config) -> tuple[list[str], list[str]]:
+    """The train and validation .jsonl files of a pair run: data.files / data.valid_files,
+    else the prepared corpus's train and valid splits."""
+    if cfg.data.files:
+        return pipeline.expand_files(cfg.data.files), (
+            pipeline.expand_files(cfg.data.valid_files) if cfg.data.valid_files else [])
+    from jaxlm.data.prepare import prepare
+
+    corpus = prepare(cfg.data.name, progress=False)
+    return [str(corpus.train)], [str(corpus.valid)]
 
 
 def _tokenizer(cfg: Config, run_dir: Path, texts: list[str]) -> Tokenizer:
@@ -51,11 +73,12 @@ def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
     t = cfg.train
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if _uses_pairs(cfg):
-        train_pairs = pipeline.read_pairs(pipeline.expand_files(cfg.data.files),
-                                          cfg.data.source_field, cfg.data.target_field)
-        if cfg.data.valid_files:
-            valid_pairs = pipeline.read_pairs(pipeline.expand_files(cfg.data.valid_files),
-                                              cfg.data.source_field, cfg.data.target_field)
+        train_files, valid_files = pair_files(cfg)
+        train_pairs = pipeline.read_pairs(train_files, cfg.data.source_field,
+                                          cfg.data.target_field)
+        if valid_files:
+            valid_pairs = pipeline.read_pairs(valid_files, cfg.data.source_field,
+                                              cfg.data.target_field)
         else:
             n = max(1, int(len(train_pairs) * cfg.data.valid_fraction))
             train_pairs, valid_pairs = train_pairs[:-n], train_pairs[-n:]

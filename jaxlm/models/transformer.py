@@ -33,7 +33,11 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, kv_BSD, mask_BTS, q_pos_BT, kv_pos_BS, bias_BNTS=None):
+    def __call__(self, x_BTD, kv_BSD, mask_BTS, q_pos_BT, kv_pos_BS, bias_BNTS=None,
+                 cache=None):
+        """With a KV cache ({"k", "v"}: [B, L, K, H]), this step's keys and values are written
+        at slot `mask_BTS.q_offset` and attention runs over all L slots (the mask hides the
+        unwritten ones); returns (out, new_cache) then."""
         cfg = self.cfg
         N, K, H = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg)
         kw = dict(use_bias=cfg.use_bias, std=cfg.init_std, **dtypes(cfg))
@@ -43,12 +47,18 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q = attn.rope(q, q_pos_BT, cfg.rope_theta)
             k = attn.rope(k, kv_pos_BS, cfg.rope_theta)
+        if cache is not None:
+            at = mask_BTS.q_offset
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), at, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), at, 1)
+            cache = {"k": k, "v": v}
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         scale = cfg.attention_scale or None
         out_BTNH = attn.attention(q, k, v, mask_BTS, bias_BNTS, scale=scale, impl=cfg.attention)
         kw["std"] = out_std(cfg)
-        return Projection((x_BTD.shape[-1],), ("heads", "head_dim", "embed"), in_axes=2,
-                          name="out", **kw)(out_BTNH)
+        out_BTD = Projection((x_BTD.shape[-1],), ("heads", "head_dim", "embed"), in_axes=2,
+                             name="out", **kw)(out_BTNH)
+        return out_BTD if cache is None else (out_BTD, cache)
 
 
 class Block(nn.Module):
@@ -60,7 +70,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, layer_idx, mask_BTS, pos_BT, enc_BSD=None, enc_mask_BTS=None,
-                 enc_pos_BS=None, bias_BNTS=None, local_mask_BTS=None):
+                 enc_pos_BS=None, bias_BNTS=None, local_mask_BTS=None, cache=None):
+        """Returns (x, this layer's updated KV cache or None)."""
         cfg = self.cfg
         if local_mask_BTS is not None:  # GPT-3: every local_every-th layer attends locally
             is_local = layer_idx % cfg.local_every == cfg.local_every - 1
@@ -74,15 +85,23 @@ class Block(nn.Module):
                 return x + drop(fn(norm(norm_name)(x)))
             return norm(norm_name)(x + drop(fn(x)))
 
-        x_BTD = residual(x_BTD, lambda h: Attention(cfg, name="attn")(
-            h, h, mask_BTS, pos_BT, pos_BT, bias_BNTS), "ln_attn")
+        new_cache = None
+
+        def self_attention(h):
+            nonlocal new_cache
+            out = Attention(cfg, name="attn")(h, h, mask_BTS, pos_BT, pos_BT, bias_BNTS, cache)
+            if cache is not None:
+                out, new_cache = out
+            return out
+
+        x_BTD = residual(x_BTD, self_attention, "ln_attn")
         if self.cross:
             x_BTD = residual(x_BTD, lambda h: Attention(cfg, name="cross_attn")(
                 h, enc_BSD, enc_mask_BTS, pos_BT, enc_pos_BS), "ln_cross")
         mlp = Mlp(cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.use_bias, cfg.init_std,
                   out_std(cfg), name="mlp", **dtypes(cfg))
         x_BTD = residual(x_BTD, mlp, "ln_mlp")
-        return nn.with_logical_constraint(x_BTD, ACT_AXES), None
+        return nn.with_logical_constraint(x_BTD, ACT_AXES), new_cache
 
 
 _REMAT_POLICIES = {
@@ -114,9 +133,10 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, mask_BTS, pos_BT, enc_BSD=None, enc_mask_BTS=None, enc_pos_BS=None,
-                 bias_BNTS=None, local_mask_BTS=None):
+                 bias_BNTS=None, local_mask_BTS=None, cache=None):
         """bias_BNTS (e.g. T5's relative position bias) is shared by all layers' self-attention;
-        local_mask_BTS replaces mask_BTS in every `cfg.local_every`-th layer."""
+        local_mask_BTS replaces mask_BTS in every `cfg.local_every`-th layer. With `cache`
+        (per-layer KV caches stacked on a leading layer axis) returns (x, updated cache)."""
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
@@ -126,25 +146,48 @@ class Stack(nn.Module):
         if cfg.scan_layers:
             scanned = nn.scan(block, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},
-                              in_axes=(0,) + (nn.broadcast,) * len(args), length=self.num_layers,
+                              in_axes=(0,) + (nn.broadcast,) * len(args) + (0,),
+                              length=self.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, _ = scanned(cfg, self.deterministic, self.cross, name="layers")(
-                x_BTD, jnp.arange(self.num_layers), *args)
-            return x_BTD
+            x_BTD, new_cache = scanned(cfg, self.deterministic, self.cross, name="layers")(
+                x_BTD, jnp.arange(self.num_layers), *args, cache)
+            return x_BTD if cache is None else (x_BTD, new_cache)
+        # Unrolled layers keep one cache per layer (tuples): no restacking copy per step.
+        keys, values = [], []
         for i in range(self.num_layers):
-            x_BTD, _ = block(cfg, self.deterministic, self.cross, name=f"layers_{i}")(
-                x_BTD, i, *args)
-        return x_BTD
+            layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+            x_BTD, layer_cache = block(cfg, self.deterministic, self.cross, name=f"layers_{i}")(
+                x_BTD, i, *args, layer_cache)
+            if cache is not None:
+                keys.append(layer_cache["k"])
+                values.append(layer_cache["v"])
+        return x_BTD if cache is None else (x_BTD, {"k": tuple(keys), "v": tuple(values)})
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """An empty KV cache for DecoderLM: k and v [B, L, K, H] per layer (stacked on a leading
+    layer axis when the layers are scanned, else a tuple) and the next free slot."""
+    shape = (batch, length, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg))
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.scan_layers:
+        zeros = jnp.zeros((cfg.num_layers, *shape), dtype)
+    else:
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
 
 
 class DecoderLM(nn.Module):
-    """Decoder-only language model (GPT-2 / GPT-3 / Llama layouts). Returns logits [B, T, V]."""
+    """Decoder-only language model (GPT-2 / GPT-3 / Llama layouts). Returns logits [B, T, V].
+
+    Decoding: pass `cache` (from `init_cache`) and the tokens after those already cached; the
+    call returns (logits, cache advanced by T). padding_mask_BT then covers the L cache slots
+    (False = a padding slot), and positions_BT must be given."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
-                 padding_mask_BT=None, deterministic: bool = True):
+                 padding_mask_BT=None, deterministic: bool = True, cache=None):
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -163,10 +206,15 @@ class DecoderLM(nn.Module):
 
         # Structured, not [B, T, T]: block kernels build only the tiles they visit.
         mask_BTS = attn.MaskSpec(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT,
-                                 kv_valid_BS=padding_mask_BT, causal=True)
+                                 kv_valid_BS=padding_mask_BT, causal=True,
+                                 q_offset=None if cache is None else cache["index"])
         local_BTS = mask_BTS.replace(window=cfg.local_window) if cfg.local_window else None
+        layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x_BTD = Stack(cfg, cfg.num_layers, deterministic, name="decoder")(
-            x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS)
+            x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS, cache=layer_cache)
+        if cache is not None:
+            x_BTD, layer_cache = x_BTD
+            cache = {**layer_cache, "index": cache["index"] + T}
         if cfg.norm_position == "pre":
             x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name="ln_final",
                          **dtypes(cfg))(x_BTD)
@@ -175,7 +223,8 @@ class DecoderLM(nn.Module):
         else:
             logits_BTV = Projection((cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
                                     std=cfg.init_std, name="lm_head", **dtypes(cfg))(x_BTD)
-        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+        return logits_BTV if cache is None else (logits_BTV, cache)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
