@@ -91,6 +91,8 @@ class DataConfig:
     text_field: str = _f("text", "field holding the text in jsonl files")
     tokenizer: str = _f("byte", "byte | bpe (trained on the corpus) | path to a tokenizer dir")
     bpe_vocab_size: int = _f(8192, "vocabulary size when tokenizer=bpe")
+    pack: bool = _f(False, "decoder models: pack whole documents into rows with segment ids "
+                    "and restarted positions, so attention never crosses documents")
     utf8_errors: str = _f("replace", "bytes that are not UTF-8 in .txt data: replace (and "
                           "warn with a count) | error")
     source_field: str = _f("source", "jsonl field of the source text (encoder-decoder pairs)")

@@ -319,3 +319,36 @@ class PairBatches:
         rows = rows[self.process_index * per:(self.process_index + 1) * per]
         return pair_batch(self.src[rows], self.tgt[rows], self.src_mask[rows],
                           self.tgt_mask[rows], self.start_id)
+
+
+@dataclass
+class RowBatches:
+    """Batches of ready-made rows (e.g. packed documents), shuffled per epoch; pure in p."""
+
+    rows: dict[str, np.ndarray]  # each [N, seq_len]
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, len(self.rows["inputs"]) // self.batch_size)
+
+    def batch(self, position: int) -> dict[str, np.ndarray]:
+        epoch, index = divmod(position, self.batches_per_epoch)
+        n = len(self.rows["inputs"])
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        idx = order[np.arange(index * self.batch_size, (index + 1) * self.batch_size) % n]
+        per = self.batch_size // self.process_count
+        idx = idx[self.process_index * per:(self.process_index + 1) * per]
+        return {k: v[idx] for k, v in self.rows.items()}
+
+
+def packed_rows(docs: list[str], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    """Each document (ending in EOS where the tokenizer has one) packed into rows."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return pack_documents([np.asarray(tokenizer.encode(d) + eos, np.int32) for d in docs],
+                          seq_len)

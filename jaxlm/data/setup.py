@@ -15,8 +15,8 @@ from jaxlm.data.tokenizers import Tokenizer, from_name, load_tokenizer
 @dataclass
 class TrainData:
     tokenizer: Tokenizer
-    train: pipeline.LMBatches | pipeline.PairBatches
-    valid: pipeline.LMBatches | pipeline.PairBatches
+    train: pipeline.LMBatches | pipeline.PairBatches | pipeline.RowBatches
+    valid: pipeline.LMBatches | pipeline.PairBatches | pipeline.RowBatches
     bytes_per_token: float  # of the validation text, for bits per byte
     description: str
 
@@ -94,6 +94,16 @@ def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
                          f"valid={len(valid_pairs):,}")
     texts = pipeline.load_text(cfg.data, progress=progress)
     tok = _tokenizer(cfg, run_dir, texts.train)
+    if cfg.data.pack and cfg.model.family == "decoder":
+        train_rows = pipeline.packed_rows(texts.train, tok, t.seq_len)
+        valid_rows = pipeline.packed_rows(texts.valid, tok, t.seq_len)
+        n_valid = float(valid_rows["loss_mask"].sum())
+        train = pipeline.RowBatches(train_rows, t.batch_size, seed=cfg.seed, **proc)
+        valid = pipeline.RowBatches(valid_rows, t.batch_size, shuffle=False, **proc)
+        valid_bytes = sum(len(x.encode("utf-8")) for x in texts.valid)
+        return TrainData(tok, train, valid, valid_bytes / max(n_valid, 1.0),
+                         f"packed rows: train={len(train_rows['inputs']):,} "
+                         f"valid={len(valid_rows['inputs']):,}")
     train_tokens = pipeline.tokenize(texts.train, tok, progress=progress)
     valid_tokens = pipeline.tokenize(texts.valid, tok)
     train = pipeline.LMBatches(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, **proc)
