@@ -16,6 +16,7 @@ Implementations (`impl`, config `model.attention`):
   chunked    pure-JAX blockwise online softmax: O(T·block) memory, every backend
   auto       cudnn on NVIDIA GPUs, splash (or flash with a bias) on TPU, where the inputs
              allow; xla otherwise
+KV-cache decoding steps (a MaskSpec with q_offset) under splash or flash run on xla.
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ def attention(
     impl = resolve_impl(impl, q_BTNH, mask_BTS, bias_BNTS)
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     spec = mask_BTS if isinstance(mask_BTS, MaskSpec) else None
+    if impl in ("splash", "flash") and spec is not None and spec.q_offset is not None:
+        # KV-cache decoding: a few queries after the cache, which the TPU kernels can't
+        # place; this step is small, so XLA's attention serves it.
+        impl = "xla"
     if impl in ("reference", "xla"):
         dense = spec.dense(T, S) if spec is not None else mask_BTS
         fn = _reference if impl == "reference" else _xla
@@ -198,8 +203,6 @@ def attention(
         if jax.default_backend() == "gpu":
             raise ConfigError(f"model.attention={impl} is a TPU kernel (the backend is 'gpu'); "
                               "use model.attention=cudnn, xla or chunked")
-        if spec is not None and spec.q_offset is not None:
-            raise _unsupported(impl, "a query offset (KV-cache decoding)")
         if impl == "splash":
             from jaxlm.models.kernels.splash import splash_attention
 

@@ -1,0 +1,1 @@
+"""Attention kernels: pure-JAX chunked attention, Pallas TPU wrappers, structured masks."""

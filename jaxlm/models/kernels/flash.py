@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
+from jaxlm.config import ConfigError
 from jaxlm.models.kernels.mask import MaskSpec, pad_segments
 from jaxlm.models.kernels.splash import block_size, shard_over_mesh
 
@@ -31,6 +32,12 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
         raise ValueError("the TPU flash kernel has no local window or query offset")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    if interpret and not mesh.empty and mesh.size > 1:
+        # TPU interpret mode simulates one chip; across simulated devices it deadlocks.
+        raise ConfigError("model.attention=flash runs off TPU only in Pallas interpret mode, "
+                          f"on one device, but the mesh has {mesh.size}; use "
+                          "model.attention=chunked")
     bq, bk = block_size(T, block), block_size(S, block)
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
     if mask is not None and spec is None:  # a dense mask goes in as part of the bias
