@@ -271,6 +271,17 @@ def read_pairs(files: list[str], source_field: str, target_field: str) -> list[t
     return pairs
 
 
+def _local_rows(src, n: int, position: int) -> np.ndarray:
+    """This process's row indices of the global batch at `position` over `n` examples
+    shuffled per epoch by (seed, epoch): a pure function of the position."""
+    epoch, index = divmod(position, src.batches_per_epoch)
+    order = (np.random.default_rng([src.seed, epoch]).permutation(n) if src.shuffle
+             else np.arange(n))
+    rows = order[np.arange(index * src.batch_size, (index + 1) * src.batch_size) % n]
+    per = src.batch_size // src.process_count
+    return rows[src.process_index * per:(src.process_index + 1) * per]
+
+
 @dataclass
 class PairBatches:
     """Padded (source, target) pairs, shuffled per epoch; batch(p) is pure in p."""
@@ -310,13 +321,7 @@ class PairBatches:
         return max(1, len(self.src) // self.batch_size)
 
     def batch(self, position: int) -> dict[str, np.ndarray]:
-        epoch, index = divmod(position, self.batches_per_epoch)
-        n = len(self.src)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        rows = order[np.arange(index * self.batch_size, (index + 1) * self.batch_size) % n]
-        per = self.batch_size // self.process_count
-        rows = rows[self.process_index * per:(self.process_index + 1) * per]
+        rows = _local_rows(self, len(self.src), position)
         return pair_batch(self.src[rows], self.tgt[rows], self.src_mask[rows],
                           self.tgt_mask[rows], self.start_id)
 
@@ -337,13 +342,7 @@ class RowBatches:
         return max(1, len(self.rows["inputs"]) // self.batch_size)
 
     def batch(self, position: int) -> dict[str, np.ndarray]:
-        epoch, index = divmod(position, self.batches_per_epoch)
-        n = len(self.rows["inputs"])
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        idx = order[np.arange(index * self.batch_size, (index + 1) * self.batch_size) % n]
-        per = self.batch_size // self.process_count
-        idx = idx[self.process_index * per:(self.process_index + 1) * per]
+        idx = _local_rows(self, len(self.rows["inputs"]), position)
         return {k: v[idx] for k, v in self.rows.items()}
 
 
