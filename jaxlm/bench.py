@@ -63,7 +63,7 @@ def jitted_step(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Callable]:
     model = build_model(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     loss_fn = loss_for(cfg.model.family, mask_id=cfg.model.vocab_size - 1,
-                       vocab_size=cfg.model.vocab_size)
+                       vocab_size=cfg.model.vocab_size, mlm_rate=cfg.train.mlm_rate)
     abstract, shardings = state_shardings(model, tx, mesh)
     step = jit_train_step(
         make_train_step(model, tx, lr_schedule(cfg.optim, cfg.train.steps),

@@ -56,7 +56,7 @@ def evaluate_run(run_dir: str | Path, max_batches: int = 0,
     n = min(n, max_batches) if max_batches else n
     mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     loss_fn = loss_for(cfg.model.family, mask_id=data.tokenizer.mask_id,
-                       vocab_size=data.tokenizer.vocab_size)
+                       vocab_size=data.tokenizer.vocab_size, mlm_rate=cfg.train.mlm_rate)
     with jax.set_mesh(mesh):
         _, shardings = param_shardings(lm.model, mesh)
         params = jax.device_put(lm.params, shardings)

@@ -100,7 +100,8 @@ def seq2seq_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], *
 
 
 def loss_for(family: str, *, mask_id: int | None = None, vocab_size: int = 0,
-             label_smoothing: float = 0.0, z_loss: float = 0.0) -> Callable:
+             label_smoothing: float = 0.0, z_loss: float = 0.0,
+             mlm_rate: float = 0.15) -> Callable:
     """The objective that fits a model family: causal LM, masked LM or seq2seq."""
     kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
     if family == "decoder":
@@ -108,5 +109,6 @@ def loss_for(family: str, *, mask_id: int | None = None, vocab_size: int = 0,
     if family == "encoder":
         if mask_id is None:
             raise ValueError("masked-LM training needs a tokenizer with a mask token")
-        return functools.partial(masked_lm_loss, mask_id=mask_id, vocab_size=vocab_size, **kw)
+        return functools.partial(masked_lm_loss, mask_id=mask_id, vocab_size=vocab_size,
+                                 rate=mlm_rate, **kw)
     return functools.partial(seq2seq_loss, **kw)

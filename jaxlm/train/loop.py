@@ -3,7 +3,6 @@ checkpoints, resume and preemption. Metrics are fetched from the device only at 
 
 from __future__ import annotations
 
-import functools
 import signal
 import sys
 import time
@@ -96,9 +95,8 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
             f"size {dp} × optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
     eval_batches = min(cfg.train.eval_batches, data.valid.batches_per_epoch)
     loss_fn = loss_for(family, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                       label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss)
-    if family == "encoder":
-        loss_fn = functools.partial(loss_fn, rate=cfg.train.mlm_rate)
+                       label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss,
+                       mlm_rate=cfg.train.mlm_rate)
 
     model = build_model(cfg.model)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
@@ -164,7 +162,10 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
                 data_setup.batch_at(data, data.train, position, family), mesh)
             state, metrics = train_step(state, batch)
             position += 1
-            stop = _all_agree_to_stop(preempt.requested)
+            # Multi-host agreement costs a host sync, so it happens at log steps only.
+            stop = (_all_agree_to_stop(preempt.requested)
+                    if jax.process_count() == 1 or step % cfg.train.log_every == 0
+                    else False)
             tokens_since += tokens_per_step
             pending.append(metrics)
             bar.update(1)
@@ -236,7 +237,7 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
 
 def _all_agree_to_stop(requested: bool) -> bool:
     """Preemption on multi-host: a signal may reach the processes at different steps; they
-    stop (and save) at the first step at which any of them has it, all at the same step."""
+    compare at each log step and stop (and save) together at the first one where any has it."""
     if jax.process_count() == 1:
         return requested
     from jax.experimental import multihost_utils
