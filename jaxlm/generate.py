@@ -5,8 +5,10 @@ step against a KV cache, all inside one compiled `while_loop` that stops once ev
 emitted EOS. Positions restart at each prompt's first token. `_decode_full` recomputes the
 whole prefix every step: the reference the cached path is tested and benchmarked against.
 
-Encoder-decoder models encode the source once; the decoder reruns over a fixed target buffer
-(causal, so the unfilled slots never matter).
+Encoder-decoder models encode the source once; the first decoder step projects it into the
+cache's cross-attention keys and values, and every later step feeds one target token against
+the self-attention KV cache. Beam search reorders that cache as beams are re-ranked.
+`_seq2seq_full` reruns the decoder over the whole target buffer each step: the reference.
 """
 
 from __future__ import annotations
@@ -53,6 +55,32 @@ def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int 
 _STATIC = ("model", "max_new", "temperature", "top_k", "top_p")
 
 
+def _sampling_loop(step, logits_BV: jax.Array, cache: Any, rng: jax.Array, eos_id: jax.Array,
+                   max_new: int, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """[B, max_new] ids sampled one per step from `logits_BV`, each fed back through
+    `step(tok_B, i, cache) -> (logits_BV, cache)`; EOS-filled after a row's EOS, and the loop
+    ends once every row has emitted it."""
+    B = logits_BV.shape[0]
+    first = sample(logits_BV, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, cache, done, out = carry
+        tok = jnp.where(done, eos_id, tok).astype(jnp.int32)
+        out = out.at[:, i].set(tok)
+        done = done | (tok == eos_id)
+        logits_BV, cache = step(tok, i, cache)
+        nxt = sample(logits_BV, jax.random.fold_in(rng, i + 1), temperature, top_k, top_p)
+        return i + 1, nxt, cache, done, out
+
+    out = jnp.full((B, max_new), eos_id, jnp.int32)
+    carry = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out)
+    return jax.lax.while_loop(cond, body, carry)[-1]
+
+
 @partial(jax.jit, static_argnames=_STATIC)
 def _decode_cached(model: nn.Module, params: Any, prompt_BP: jax.Array, valid_BP: jax.Array,
                    rng: jax.Array, eos_id: jax.Array, *, max_new: int, temperature: float,
@@ -64,25 +92,15 @@ def _decode_cached(model: nn.Module, params: Any, prompt_BP: jax.Array, valid_BP
     pos_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
     apply = partial(model.apply, {"params": params}, padding_mask_BT=slots_valid)
     logits, cache = apply(prompt_BP, positions_BT=pos_BP, cache=cache)
-    first = sample(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k, top_p)
     next_pos_B = pos_BP[:, -1] + 1
 
-    def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_new) & ~jnp.all(done)
+    def step(tok_B, i, cache):
+        logits, cache = apply(tok_B[:, None], positions_BT=(next_pos_B + i)[:, None],
+                              cache=cache)
+        return logits[:, 0], cache
 
-    def body(carry):
-        i, tok, cache, done, out = carry
-        tok = jnp.where(done, eos_id, tok).astype(jnp.int32)
-        out = out.at[:, i].set(tok)
-        done = done | (tok == eos_id)
-        logits, cache = apply(tok[:, None], positions_BT=(next_pos_B + i)[:, None], cache=cache)
-        nxt = sample(logits[:, 0], jax.random.fold_in(rng, i + 1), temperature, top_k, top_p)
-        return i + 1, nxt, cache, done, out
-
-    out = jnp.full((B, max_new), eos_id, jnp.int32)
-    carry = (jnp.int32(0), first, cache, jnp.zeros((B,), bool), out)
-    return jax.lax.while_loop(cond, body, carry)[-1]
+    return _sampling_loop(step, logits[:, -1], cache, rng, eos_id, max_new, temperature,
+                          top_k, top_p)
 
 
 @partial(jax.jit, static_argnames=_STATIC)
@@ -188,30 +206,61 @@ def _decode_logits(model, params, tgt_BT, enc_BSD, valid_BS):
                        method="decode")
 
 
+def _decode_step(model, params, tok_B, enc_BSD, valid_BS, cache):
+    """Logits [B, V] after feeding one target token per row, and the advanced cache."""
+    logits, cache = model.apply({"params": params}, tok_B[:, None], enc_BSD,
+                                src_padding_mask_BS=valid_BS, cache=cache, method="decode")
+    return logits[:, 0], cache
+
+
 @partial(jax.jit, static_argnames=_STATIC)
 def _seq2seq_sample(model: nn.Module, params: Any, src_BS: jax.Array, valid_BS: jax.Array,
                     rng: jax.Array, start_id: jax.Array, eos_id: jax.Array, *, max_new: int,
                     temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """[B, max_new] target ids (EOS-filled after EOS); the source is encoded once."""
+    """[B, max_new] target ids (EOS-filled after EOS), decoded against a KV cache."""
+    B = src_BS.shape[0]
+    enc = _encode(model, params, src_BS, valid_BS)
+    cache = init_cache(model.cfg, B, max_new + 1)
+    start = jnp.full((B,), start_id, jnp.int32)
+    logits, cache = _decode_step(model, params, start, enc, valid_BS, cache)
+    # Cross-attention keys and values are in the cache now: no encoder output needed.
+    step = lambda tok_B, i, cache: _decode_step(model, params, tok_B, None, valid_BS, cache)
+    return _sampling_loop(step, logits, cache, rng, eos_id, max_new, temperature, top_k,
+                          top_p)
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _seq2seq_full(model: nn.Module, params: Any, src_BS: jax.Array, valid_BS: jax.Array,
+                  rng: jax.Array, start_id: jax.Array, eos_id: jax.Array, *, max_new: int,
+                  temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Like `_seq2seq_sample`, but the decoder reruns over a fixed target buffer every step
+    (causal, so the unfilled slots never matter)."""
     B = src_BS.shape[0]
     enc = _encode(model, params, src_BS, valid_BS)
     buf = jnp.full((B, max_new + 1), start_id, jnp.int32)
 
-    def cond(carry):
-        i, _, done = carry
-        return (i < max_new) & ~jnp.all(done)
-
-    def body(carry):
-        i, buf, done = carry
+    def body(i, carry):
+        buf, done = carry
         logits = _decode_logits(model, params, buf, enc, valid_BS)
         logits_BV = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
         tok = sample(logits_BV, jax.random.fold_in(rng, i), temperature, top_k, top_p)
         tok = jnp.where(done, eos_id, tok).astype(jnp.int32)
         buf = jax.lax.dynamic_update_index_in_dim(buf, tok, i + 1, axis=1)
-        return i + 1, buf, done | (tok == eos_id)
+        return buf, done | (tok == eos_id)
 
-    _, buf, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), buf, jnp.zeros((B,), bool)))
+    buf, _ = jax.lax.fori_loop(0, max_new, body, (buf, jnp.zeros((B,), bool)))
     return buf[:, 1:]
+
+
+def _reorder_beams(cache: dict, rows: jax.Array) -> dict:
+    """The cache with its self-attention rows gathered by `rows` [B*K] (cross-attention keys
+    and values are the same for every beam of a source, so they stay)."""
+    def layer(c):
+        return {**c, "self": jax.tree.map(lambda x: jnp.take(x, rows, axis=-4), c["self"])}
+
+    layers = cache["layers"]
+    layers = tuple(map(layer, layers)) if isinstance(layers, tuple) else layer(layers)
+    return {**cache, "layers": layers}
 
 
 @partial(jax.jit, static_argnames=("model", "beams", "max_new", "length_penalty"))
@@ -227,7 +276,10 @@ def _beam_search(model: nn.Module, params: Any, src_BS: jax.Array, valid_BS: jax
     neg = jnp.float32(-jnp.inf)
     enc = jnp.repeat(_encode(model, params, src_BS, valid_BS), K, axis=0)
     valid_K = jnp.repeat(valid_BS, K, axis=0)
-    seqs = jnp.full((B, K, T), start_id, jnp.int32)  # causal: unfilled slots go unread
+    cache = init_cache(model.cfg, B * K, T)
+    logits, cache = _decode_step(model, params, jnp.full((B * K,), start_id, jnp.int32), enc,
+                                 valid_K, cache)
+    seqs = jnp.full((B, K, T), start_id, jnp.int32)
     scores = jnp.where(jnp.arange(K) == 0, 0.0, neg)[None].repeat(B, axis=0)
     take = lambda x, idx: jnp.take_along_axis(x, idx[..., None], axis=1)
 
@@ -235,10 +287,8 @@ def _beam_search(model: nn.Module, params: Any, src_BS: jax.Array, valid_BS: jax
         return (c[0] < max_new) & ~jnp.all(c[-1])
 
     def body(c):
-        i, seqs, scores, fin_seqs, fin_scores, done = c
-        logits = _decode_logits(model, params, seqs.reshape(B * K, T), enc, valid_K)
-        logp = jax.nn.log_softmax(
-            jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False).astype(jnp.float32))
+        i, logits, cache, seqs, scores, fin_seqs, fin_scores, done = c
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
         V = logp.shape[-1]
         cand = (scores[..., None] + logp.reshape(B, K, V)).reshape(B, K * V)
         top_s, top_i = jax.lax.top_k(cand, 2 * K)
@@ -253,14 +303,21 @@ def _beam_search(model: nn.Module, params: Any, src_BS: jax.Array, valid_BS: jax
         f_seqs = take(jnp.concatenate([fin_seqs, new_seqs], 1), f_i)
         a_s, a_i = jax.lax.top_k(jnp.where(is_eos, neg, top_s), K)
         a_seqs = take(new_seqs, a_i)
+        # The surviving beams' caches come from their parent beams; then feed their tokens.
+        parent_BK = jnp.take_along_axis(top_i // V, a_i, axis=1)
+        rows = (jnp.arange(B)[:, None] * K + parent_BK).reshape(B * K)
+        a_tok = jnp.take_along_axis(tok, a_i, axis=1).reshape(B * K)
+        logits, cache = _decode_step(model, params, a_tok, None, valid_K,
+                                     _reorder_beams(cache, rows))
         keep = done[:, None]
         new_done = done | (f_s[:, -1] >= a_s[:, 0] / norm)
-        return (i + 1, jnp.where(keep[..., None], seqs, a_seqs), jnp.where(keep, scores, a_s),
-                jnp.where(keep[..., None], fin_seqs, f_seqs), jnp.where(keep, fin_scores, f_s),
-                new_done)
+        return (i + 1, logits, cache, jnp.where(keep[..., None], seqs, a_seqs),
+                jnp.where(keep, scores, a_s), jnp.where(keep[..., None], fin_seqs, f_seqs),
+                jnp.where(keep, fin_scores, f_s), new_done)
 
-    init = (jnp.int32(0), seqs, scores, seqs, jnp.full((B, K), neg), jnp.zeros((B,), bool))
-    i, seqs, scores, fin_seqs, fin_scores, done = jax.lax.while_loop(cond, body, init)
+    init = (jnp.int32(0), logits, cache, seqs, scores, seqs, jnp.full((B, K), neg),
+            jnp.zeros((B,), bool))
+    i, _, _, seqs, scores, fin_seqs, fin_scores, done = jax.lax.while_loop(cond, body, init)
     # Rows that ran out of steps: their live beams compete with the finished ones.
     live = jnp.where(done[:, None], neg, scores / jnp.maximum(i, 1).astype(jnp.float32)
                      ** length_penalty)
@@ -274,9 +331,11 @@ def generate_seq2seq_ids(model: nn.Module, params: Any, sources: Sequence[Sequen
                          max_new_tokens: int, start_id: int, eos_id: int | None,
                          pad_id: int = 0, beams: int = 1, length_penalty: float = 1.0,
                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                         seed: int = 0) -> list[list[int]]:
+                         seed: int = 0, use_cache: bool = True) -> list[list[int]]:
     """Target ids for each source (EOS not returned): beam search when beams > 1, else
-    greedy/sampled decoding. The target is at most model.cfg.max_seq_len - 1 tokens."""
+    greedy/sampled decoding. The target is at most model.cfg.max_seq_len - 1 tokens.
+    `use_cache=False` reruns the decoder over the whole target each step (the slow
+    reference; not for beams)."""
     if not sources or min(len(s) for s in sources) == 0:
         raise ValueError("empty source")
     max_new = max(1, min(max_new_tokens, model.cfg.max_seq_len - 1))
@@ -287,10 +346,10 @@ def generate_seq2seq_ids(model: nn.Module, params: Any, sources: Sequence[Sequen
                            jnp.int32(start_id), eos, beams=int(beams), max_new=max_new,
                            length_penalty=float(length_penalty))
     else:
-        out = _seq2seq_sample(model, params, jnp.asarray(src), jnp.asarray(valid),
-                              jax.random.PRNGKey(seed), jnp.int32(start_id), eos,
-                              max_new=max_new, temperature=float(temperature),
-                              top_k=int(top_k or 0), top_p=float(top_p))
+        decode = _seq2seq_sample if use_cache else _seq2seq_full
+        out = decode(model, params, jnp.asarray(src), jnp.asarray(valid),
+                     jax.random.PRNGKey(seed), jnp.int32(start_id), eos, max_new=max_new,
+                     temperature=float(temperature), top_k=int(top_k or 0), top_p=float(top_p))
     result = []
     for ids in np.asarray(out).tolist():
         if eos_id is not None and eos_id in ids:

@@ -23,6 +23,8 @@ from jaxlm.data import pipeline
 from jaxlm.data.pipeline import DataError
 
 TASKS = ("translate", "summarize", "qa", "lm")
+# Answers are short spans; other tasks may write up to the training target length.
+DEFAULT_NEW_TOKENS = {"qa": 32}
 
 
 def heldout_pairs(cfg: Config, split: str = "test") -> list[tuple[str, str]]:
@@ -50,14 +52,16 @@ def heldout_pairs(cfg: Config, split: str = "test") -> list[tuple[str, str]]:
 
 def predict(lm: Any, sources: list[str], *, beams: int = 1, length_penalty: float = 1.0,
             max_new_tokens: int = 0, batch_size: int = 32) -> list[str]:
-    """Greedy (or beam) outputs for each source. A decoder-only model continues the source
-    and its answer ends at the first newline."""
+    """Greedy (or beam) outputs for each source. A decoder-only model continues
+    answer_prompt(source), as it trained on pairs, and its answer ends at the first newline."""
     cfg = lm.config
     seq2seq = cfg.model.family == "encoder_decoder"
     max_new = max_new_tokens or min(cfg.train.seq_len, cfg.model.max_seq_len - 1)
     out: list[str] = []
     for i in range(0, len(sources), batch_size):
         batch = sources[i:i + batch_size]
+        if not seq2seq:
+            batch = [pipeline.answer_prompt(s) for s in batch]
         kw = dict(beams=beams, length_penalty=length_penalty) if seq2seq else {}
         texts = lm.generate(batch, max_new_tokens=max_new, temperature=0.0, **kw)
         out += [t if seq2seq else t.split("\n")[0] for t in texts]
@@ -101,7 +105,8 @@ def evaluate_task(run_dir: str | Path, task: str, *, max_examples: int = 0, beam
         pairs = pairs[:max_examples]
     sources, targets = [s for s, _ in pairs], [t for _, t in pairs]
     preds = predict(lm, sources, beams=beams, length_penalty=length_penalty,
-                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+                    max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS.get(task, 0),
+                    batch_size=batch_size)
     ckpts = run_dir / rundir.CHECKPOINT_DIR
     steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
     results = {"step": max(steps, default=0), "task": task, "examples": len(pairs),

@@ -114,6 +114,19 @@ def test_bias_dense_mask_and_cross_attention(impl):
         assert _rel_err(got, want) <= RTOL
 
 
+@pytest.mark.parametrize("impl", ["chunked", "splash", "flash"])
+def test_cross_attention_with_key_padding(impl):
+    """Encoder-decoder cross-attention as the models build it: T != S, a MaskSpec with only
+    the source's padding (kernels in interpret mode off TPU)."""
+    q, _, _ = _qkv(2, 20, 33)
+    _, k, v = _qkv(2, 20, 33, seed=1)
+    valid = np.ones((2, 33), bool)
+    valid[1, 21:] = False
+    mask = attn.MaskSpec(kv_valid_BS=jnp.asarray(valid))
+    _check_against_reference(
+        lambda q, k, v, b: attn.attention(q, k, v, mask, b, impl=impl), q, k, v, mask)
+
+
 def test_window_switch_and_query_offset():
     """select_mask's traced per-layer switch, and queries placed after a KV cache."""
     q, k, v = _qkv(1, 5, 21)

@@ -69,3 +69,41 @@ def test_every_key_has_help():
 def test_configs_are_all_loadable():
     for name in config_lib.config_names():
         config_lib.load(name)
+
+
+SHIPPED_PARAMS = {  # millions of parameters each shipped config builds
+    "tiny": (0.8, 0.9), "gpt2-124m": (124, 125), "llama-1b": (1000, 1200),
+    "transformer-mt-tiny": (1.8, 2.0), "transformer-base-mt": (50, 55),
+    "bert-mlm-tiny": (0.1, 5), "t5-small-summarize": (45, 60), "gpt2-qa-tiny": (1.2, 1.5),
+}
+
+
+def test_every_shipped_config_loads_and_builds_its_model():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlm.models.transformer import build_model
+    from jaxlm.train.state import count_params
+
+    assert set(config_lib.config_names()) == set(SHIPPED_PARAMS)
+    for name, (low, high) in SHIPPED_PARAMS.items():
+        cfg = config_lib.load(name)
+        model = build_model(cfg.model)
+        x = jnp.ones((1, 8), jnp.int32)
+        args = (x, x) if cfg.model.family == "encoder_decoder" else (x,)
+        shapes = jax.eval_shape(lambda m=model, a=args: m.init(jax.random.PRNGKey(0), *a))
+        millions = count_params(shapes["params"]) / 1e6
+        assert low <= millions <= high, (name, millions)
+        assert cfg.train.seq_len <= cfg.model.max_seq_len, name
+
+
+def test_resume_takes_quiet_from_this_invocation_not_the_saved_run(tmp_path):
+    from jaxlm.train import rundir
+
+    run = tmp_path / "run"
+    cfg, _, resuming = rundir.resolve("tiny", [f"run.dir={run}", "run.quiet=true"])
+    assert not resuming and cfg.run.quiet
+    rundir.write_config(run, cfg)
+    again, _, resuming = rundir.resolve(None, [f"run.dir={run}"])
+    assert resuming and not again.run.quiet
+    assert rundir.resolve(None, [f"run.dir={run}", "run.quiet=true"])[0].run.quiet

@@ -1,5 +1,5 @@
-"""Decoding: KV-cache == full recompute, top-k=1 == greedy, top-p stays in the nucleus,
-encoder-decoder greedy == naive, one beam == greedy."""
+"""Decoding: KV-cache == full recompute (decoder-only and encoder-decoder, greedy and beam),
+top-k=1 == greedy, top-p stays in the nucleus, one beam == greedy."""
 
 import flax.linen as nn
 import jax
@@ -150,3 +150,65 @@ def test_beam_search_one_beam_is_greedy_and_wider_beams_score_higher():
     for src, g, w in zip(sources, greedy_eos, wide, strict=True):
         if len(g) < 8 and len(w) < 8:  # both finished with EOS
             assert logprob(src, w) >= logprob(src, g) - 1e-4
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("bart", []), pytest.param("t5", ["model.scan_layers=true"], marks=pytest.mark.slow)])
+def test_seq2seq_cached_decoding_equals_full_recompute(preset, extra):
+    """Cross-attention keys/values projected once, self-attention against the cache: the
+    tokens of rerunning the decoder over the whole target, greedy and sampled."""
+    model, params = make([f"model.preset={preset}", *extra])
+    sources = [[5, 9, 3, 7, 1], [4, 6], [8, 2, 2, 9, 9, 9, 1]]
+    for kw in (dict(), dict(temperature=1.0, top_k=5, seed=3)):
+        cached = generate_seq2seq_ids(model, params, sources, max_new_tokens=10, start_id=0,
+                                      eos_id=None, **kw)
+        full = generate_seq2seq_ids(model, params, sources, max_new_tokens=10, start_id=0,
+                                    eos_id=None, use_cache=False, **kw)
+        assert cached == full
+
+
+def _beam_search_full(model, params, src_BS, valid_BS, start_id, eos_id, beams, max_new,
+                      length_penalty):
+    """The same beam search, in Python, rerunning the whole decoder over each beam's prefix
+    at every step (no cache, no reordering): the reference for the cached one."""
+    enc = model.apply({"params": params}, src_BS, src_padding_mask_BS=valid_BS,
+                      method="encode")
+    out = []
+    for b in range(src_BS.shape[0]):
+        def logp(prefix, b=b):
+            logits = model.apply({"params": params}, jnp.asarray([prefix]), enc[b:b + 1],
+                                 src_padding_mask_BS=valid_BS[b:b + 1], method="decode")
+            return np.asarray(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32)))
+
+        live = [(0.0, [start_id])]
+        finished = []  # (normalised score, ids)
+        for i in range(max_new):
+            cand = sorted(((s + float(lp), seq + [t]) for s, seq in live
+                           for t, lp in enumerate(logp(seq))), key=lambda c: -c[0])[:2 * beams]
+            norm = (i + 1) ** length_penalty
+            finished += [(s / norm, seq) for r, (s, seq) in enumerate(cand)
+                         if seq[-1] == eos_id and r < beams]
+            finished = sorted(finished, key=lambda c: -c[0])[:beams]
+            live = [c for c in cand if c[1][-1] != eos_id][:beams]
+            if len(finished) == beams and finished[-1][0] >= live[0][0] / norm:
+                break
+        else:
+            finished += [(s / max_new ** length_penalty, seq) for s, seq in live]
+        best = max(finished, key=lambda c: c[0])[1][1:]
+        out.append(best[:best.index(eos_id)] if eos_id in best else best)
+    return out
+
+
+@pytest.mark.parametrize("preset", ["t5", pytest.param("transformer", marks=pytest.mark.slow)])
+def test_cached_beam_search_equals_full_recompute_reference(preset):
+    model, params = make([f"model.preset={preset}"])
+    sources = [[5, 9, 3, 7, 1], [4, 6]]
+    greedy = generate_seq2seq_ids(model, params, sources, max_new_tokens=8, start_id=0,
+                                  eos_id=None)
+    eos = greedy[0][3]  # an id the model likes, so some hypotheses finish early
+    src, valid = jnp.asarray([[5, 9, 3, 7, 1], [4, 6, 0, 0, 0]]), jnp.asarray(
+        [[1] * 5, [1, 1, 0, 0, 0]], bool)
+    for beams, alpha in ((3, 0.0), (3, 1.0), (4, 2.0)):
+        cached = generate_seq2seq_ids(model, params, sources, max_new_tokens=8, start_id=0,
+                                      eos_id=eos, beams=beams, length_penalty=alpha)
+        assert cached == _beam_search_full(model, params, src, valid, 0, eos, beams, 8, alpha)

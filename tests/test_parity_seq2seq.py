@@ -242,3 +242,38 @@ def test_convert_refuses_a_model_hf_cannot_hold(tmp_path):
     with pytest.raises(ConversionError, match="model.embed_norm"):
         save_hf(bad, lm.params, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["t5-v1.1", "bart"])
+def test_greedy_and_beam_search_match_hf_generate(name, tmp_path):
+    """KV-cache greedy decoding and beam search (with length penalties) emit HF generate()'s
+    tokens: same EOS handling, candidate count and stopping rule."""
+    from jaxlm.generate import generate_seq2seq_ids
+
+    model = randomise(CONFIGS[name]())
+    save(model, tmp_path)
+    lm = jaxlm.load(tmp_path)
+    start, pad = lm.config.model.decoder_start_id, lm.config.model.pad_token_id
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(3, V - 1, n).tolist() for n in (7, 4, 9, 11, 5, 8)]
+    greedy = generate_seq2seq_ids(lm.model, lm.params, sources, max_new_tokens=10,
+                                  start_id=start, eos_id=None)
+    # EOS: a token the model emits mid-sequence, so hypotheses end at different lengths.
+    counts = np.bincount([t for row in greedy for t in row[2:6]], minlength=V)
+    eos = int(np.argsort(counts)[-3])
+    width = max(map(len, sources))
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sources])
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
+    for beams, alpha in ((1, 1.0), (3, 0.0), (3, 1.0), (4, 2.0)):
+        gen = transformers.GenerationConfig(
+            max_new_tokens=10, num_beams=beams, length_penalty=alpha, early_stopping=False,
+            do_sample=False, decoder_start_token_id=start, eos_token_id=eos, pad_token_id=pad)
+        model.generation_config = gen  # no forced BOS/EOS or other model defaults
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attention,
+                                 generation_config=gen).tolist()
+        want = [o[1:][:o[1:].index(eos)] if eos in o[1:] else o[1:] for o in out]
+        got = generate_seq2seq_ids(lm.model, lm.params, sources, max_new_tokens=10,
+                                   start_id=start, eos_id=eos, beams=beams,
+                                   length_penalty=alpha)
+        assert got == want, (beams, alpha)

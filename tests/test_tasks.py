@@ -143,9 +143,23 @@ def test_pair_runs_and_heldout_pairs(tmp_path):
     from jaxlm.data import setup
 
     mt = config_lib.load("tiny", ["model.preset=transformer", "data.name=bible-mt-en-fr"])
-    assert setup._uses_pairs(mt)  # a prepared pair corpus, no data.files
+    assert setup.uses_pairs(mt)  # a prepared pair corpus, no data.files
     lm = config_lib.load("tiny", ["data.name=bible-mt-en-fr"])
-    assert not setup._uses_pairs(lm)  # decoder-only: pairs don't apply
+    assert setup.uses_pairs(lm)  # decoder-only: prompt -> answer rows
+    mlm = config_lib.load("bert-mlm-tiny", ["data.name=bible-mt-en-fr"])
+    assert not setup.uses_pairs(mlm)  # masked LM: pairs don't apply
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "a document"}\n')
+    pairs = tmp_path / "qa.jsonl"
+    pairs.write_text('{"source": "a question", "target": "an answer"}\n')
+    assert not setup.uses_pairs(config_lib.load("tiny", [f"data.files={texts}"]))
+    assert setup.uses_pairs(config_lib.load("tiny", [f"data.files={pairs}"]))
+    from jaxlm.train.loop import next_command  # the end summary's suggestion fits the run
+
+    assert next_command(mt, "R") == "jaxlm eval --run R --task translate"
+    assert next_command(config_lib.load("gpt2-qa-tiny", []), "R").endswith("--task qa")
+    assert next_command(mlm, "R") == "jaxlm eval --run R"
+    assert '"ROMEO:"' in next_command(config_lib.load("tiny", []), "R")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(100, 0)))
     cfg = config_lib.load("tiny", ["model.preset=transformer", f"data.files={data}",
@@ -154,3 +168,26 @@ def test_pair_runs_and_heldout_pairs(tmp_path):
     assert len(held) == 10 and held[-1][1] == number_pairs(100, 0)[-1]["target"]
     with pytest.raises(tasks.DataError, match="pairs"):
         tasks.heldout_pairs(config_lib.load("tiny", []))
+
+
+@pytest.mark.slow
+def test_decoder_only_trains_on_prompt_answer_rows_and_answers(tmp_path):
+    """A decoder reads "source\\nAnswer:" and learns the target (loss on the answer only);
+    `eval --task qa` prompts it the same way and scores its first line by SQuAD rules."""
+    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    train.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(2000, 0)))
+    valid.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(40, 1)))
+    run = tmp_path / "run"
+    assert main(["train", "--quiet", "model.num_layers=2", "model.d_model=64",
+                 "model.num_heads=4", "model.d_ff=128", "model.vocab_size=300",
+                 "model.max_seq_len=48", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+                 "train.seq_len=48", "train.batch_size=32", "train.steps=150",
+                 "train.eval_every=150", "train.log_every=50", "checkpoint.every=150",
+                 "optim.lr=3e-3", "optim.warmup_steps=20", f"data.files={train}",
+                 f"data.valid_files={valid}", f"run.dir={run}"]) == 0
+    assert main(["eval", "--run", str(run), "--task", "qa", "--quiet"]) == 0
+    result = json.loads((run / "eval_qa.json").read_text())
+    assert result["examples"] == 40
+    # The answers are French number words; echoing the English source scores ~0.
+    assert result["f1"] > 40.0 and result["exact_match"] >= 5.0, result["samples"]  # 59, 15
+    assert all("\n" not in s["output"] for s in result["samples"])

@@ -48,7 +48,7 @@ def _verses(db: sqlite3.Connection, code: str) -> dict[tuple[int, int, int], str
     return {k: t for k, t in verses.items() if t}
 
 
-def _jsonl(pairs: list[tuple[str, str]]) -> str:
+def pairs_jsonl(pairs: list[tuple[str, str]]) -> str:
     return "".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
                    for s, t in pairs)
 
@@ -80,8 +80,8 @@ def bible_pairs(source: str, target: str) -> Callable[[Archive], Splits]:
         for (book, _, _), s, t in pairs:
             key = "valid" if book in VALID_BOOKS else "test" if book in TEST_BOOKS else "train"
             split[key].append((s, t))
-        return Splits(train=_jsonl(split["train"]), valid=_jsonl(split["valid"]),
-                      test=_jsonl(split["test"]),
+        return Splits(train=pairs_jsonl(split["train"]), valid=pairs_jsonl(split["valid"]),
+                      test=pairs_jsonl(split["test"]),
                       info={"source": source, "target": target, "fields": ["source", "target"],
                             "pairs": {k: len(v) for k, v in split.items()},
                             "valid_books": list(VALID_BOOKS), "test_books": list(TEST_BOOKS)})

@@ -351,3 +351,36 @@ def packed_rows(docs: list[str], tokenizer, seq_len: int) -> dict[str, np.ndarra
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     return pack_documents([np.asarray(tokenizer.encode(d) + eos, np.int32) for d in docs],
                           seq_len)
+
+
+ANSWER_CUE = "\nAnswer:"
+
+
+def answer_prompt(source: str) -> str:
+    """What a decoder-only model reads before the target of a (source, target) pair; its
+    answer is the continuation up to the first newline."""
+    return source.rstrip() + ANSWER_CUE
+
+
+def prompted_rows(pairs: list[tuple[str, str]], tokenizer, seq_len: int
+                  ) -> dict[str, np.ndarray]:
+    """Decoder-only rows for (source, target) pairs: answer_prompt(source), " target", EOS
+    (or a newline). The loss covers only the target and its end. A source too long for the
+    row loses its beginning, as generation would cut it, never the cue or the target."""
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    end = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
+    cue = tokenizer.encode(ANSWER_CUE)
+    n = len(pairs)
+    rows = {"inputs": np.full((n, seq_len), pad, np.int32),
+            "targets": np.full((n, seq_len), pad, np.int32),
+            "loss_mask": np.zeros((n, seq_len), np.float32)}
+    for i, (source, target) in enumerate(pairs):
+        answer = (tokenizer.encode(" " + target.strip()) + end)[:seq_len // 2]
+        room = seq_len + 1 - len(answer) - len(cue)
+        context = tokenizer.encode(source.rstrip())[-room:] if room > 0 else []
+        ids = context + cue + answer
+        start = len(ids) - len(answer)  # index of the first answer token
+        rows["inputs"][i, :len(ids) - 1] = ids[:-1]
+        rows["targets"][i, :len(ids) - 1] = ids[1:]
+        rows["loss_mask"][i, start - 1:len(ids) - 1] = 1.0
+    return rows

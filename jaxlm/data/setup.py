@@ -28,12 +28,32 @@ def _is_pair_corpus(name: str) -> bool:
     return name in CORPORA and CORPORA[name].suffix == ".jsonl"
 
 
-def _uses_pairs(cfg: Config) -> bool:
-    if cfg.model.family != "encoder_decoder":
+def uses_pairs(cfg: Config) -> bool:
+    """Whether the run trains on (source, target) pairs: an encoder-decoder on JSON lines or
+    a prepared pair corpus; a decoder on a prepared pair corpus, or on JSON lines whose
+    records hold the source and target fields but no text field (prompt -> answer rows)."""
+    if cfg.model.family == "encoder":
         return False
-    if cfg.data.files:
-        return any(f.endswith((".jsonl", ".json")) for f in cfg.data.files)
-    return _is_pair_corpus(cfg.data.name)
+    if not cfg.data.files:
+        return _is_pair_corpus(cfg.data.name)
+    if not any(f.endswith((".jsonl", ".json")) for f in cfg.data.files):
+        return False
+    return cfg.model.family == "encoder_decoder" or _records_are_pairs(cfg)
+
+
+def _records_are_pairs(cfg: Config) -> bool:
+    import json
+
+    d = cfg.data
+    files = [f for f in pipeline.expand_files(d.files) if f.endswith((".jsonl", ".json"))]
+    try:
+        with open(files[0], encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, IndexError, ValueError):
+        return False  # the text reader reports what is wrong with the file
+    return (isinstance(record, dict) and d.source_field in record and d.target_field in record
+            and d.text_field not in record)
 
 
 def pair_files(cfg: Config) -> tuple[list[str], list[str]]:
@@ -72,7 +92,7 @@ def start_id(tok: Tokenizer) -> int:
 def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
     t = cfg.train
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if _uses_pairs(cfg):
+    if uses_pairs(cfg):
         train_files, valid_files = pair_files(cfg)
         train_pairs = pipeline.read_pairs(train_files, cfg.data.source_field,
                                           cfg.data.target_field)
@@ -83,15 +103,24 @@ def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
             n = max(1, int(len(train_pairs) * cfg.data.valid_fraction))
             train_pairs, valid_pairs = train_pairs[:-n], train_pairs[-n:]
         tok = _tokenizer(cfg, run_dir, [x for p in train_pairs for x in p])
+        valid_bytes = sum(len(b.encode("utf-8")) for _, b in valid_pairs)
+        description = f"pairs: train={len(train_pairs):,} valid={len(valid_pairs):,}"
+        if cfg.model.family == "decoder":  # prompt -> answer rows, loss on the answer
+            train_rows = pipeline.prompted_rows(train_pairs, tok, t.seq_len)
+            valid_rows = pipeline.prompted_rows(valid_pairs, tok, t.seq_len)
+            n_valid = float(valid_rows["loss_mask"].sum())
+            return TrainData(tok, pipeline.RowBatches(train_rows, t.batch_size, seed=cfg.seed,
+                                                      **proc),
+                             pipeline.RowBatches(valid_rows, t.batch_size, shuffle=False,
+                                                 **proc),
+                             valid_bytes / max(n_valid, 1.0), description)
         sid = start_id(tok)
         train = pipeline.PairBatches.from_pairs(train_pairs, tok, t.seq_len, t.batch_size, sid,
                                                 seed=cfg.seed, **proc)
         valid = pipeline.PairBatches.from_pairs(valid_pairs, tok, t.seq_len, t.batch_size, sid,
                                                 shuffle=False, **proc)
-        valid_bytes = sum(len(b.encode("utf-8")) for _, b in valid_pairs)
         bpt = valid_bytes / max(float(valid.tgt_mask.sum()), 1.0)
-        return TrainData(tok, train, valid, bpt, f"pairs: train={len(train_pairs):,} "
-                         f"valid={len(valid_pairs):,}")
+        return TrainData(tok, train, valid, bpt, description)
     texts = pipeline.load_text(cfg.data, progress=progress)
     tok = _tokenizer(cfg, run_dir, texts.train)
     if cfg.data.pack and cfg.model.family == "decoder":

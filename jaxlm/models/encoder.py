@@ -86,12 +86,10 @@ class EncoderMLM(nn.Module):
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ACT_AXES)
 
-        mask_BTS = None
-        if padding_mask_BT is not None:
-            mask_BTS = attn.padding_mask(padding_mask_BT, T)
-        if segment_ids_BT is not None:
-            mask_BTS = attn.combine_masks(mask_BTS,
-                                          attn.segment_mask(segment_ids_BT, segment_ids_BT))
+        mask_BTS = None  # structured, so block kernels never build [B, T, T]
+        if padding_mask_BT is not None or segment_ids_BT is not None:
+            mask_BTS = attn.MaskSpec(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT,
+                                     kv_valid_BS=padding_mask_BT)
         x_BTD = Stack(cfg, cfg.num_layers, deterministic, name="encoder")(
             x_BTD, mask_BTS, positions_BT)
         if cfg.norm_position == "pre":

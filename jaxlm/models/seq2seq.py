@@ -25,10 +25,10 @@ from jaxlm.models.transformer import ACT_AXES, Stack, dtypes
 
 
 def relative_position_bias(table_PN: jax.Array, q_len: int, kv_len: int, bidirectional: bool,
-                           max_distance: int) -> jax.Array:
+                           max_distance: int, q_offset: int | jax.Array = 0) -> jax.Array:
     """[1, N, T, S] bias from a [buckets, N] table (T5: bidirectional in the encoder,
-    causal in the decoder)."""
-    rel_TS = jnp.arange(kv_len)[None, :] - jnp.arange(q_len)[:, None]
+    causal in the decoder); query i sits at position q_offset + i."""
+    rel_TS = jnp.arange(kv_len)[None, :] - (jnp.arange(q_len) + q_offset)[:, None]
     buckets_TS = attn.relative_position_buckets(rel_TS, bidirectional, table_PN.shape[0],
                                                 max_distance)
     return jnp.take(table_PN, buckets_TS, axis=0).transpose(2, 0, 1)[None]
@@ -42,10 +42,13 @@ class _Side(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, mask_BTS, enc_BSD=None, enc_mask_BTS=None, *,
-                 deterministic: bool = True):
+                 deterministic: bool = True, cache=None):
+        """With a decoding cache (init_cache), x_BTD are the tokens after the cached ones;
+        returns (x, updated cache) then."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
-        pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        offset = 0 if cache is None else cache["index"]
+        pos_BT = jnp.broadcast_to(jnp.arange(T) + offset, (B, T))
         if cfg.position == "learned":
             table = self.param("pos_embed", normal_init(cfg.init_std, (None, "embed")),
                                (cfg.max_seq_len + cfg.position_offset, D),
@@ -54,29 +57,41 @@ class _Side(nn.Module):
                 x_BTD.dtype)
         elif cfg.position == "sinusoidal":
             table = attn.sinusoidal_positions(cfg.max_seq_len, D, cfg.sinusoidal_layout)
-            x_BTD = x_BTD + table[:T][None].astype(x_BTD.dtype)
+            x_BTD = x_BTD + jnp.take(table, pos_BT, axis=0).astype(x_BTD.dtype)
         norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name=name, **dtypes(cfg))
         if cfg.embed_norm:
             x_BTD = norm("ln_embed")(x_BTD)
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ACT_AXES)
 
-        bias_1NTT = None
+        bias_1NTS = None
         if cfg.relative_buckets:
             table_PN = self.param("rel_bias", normal_init(cfg.init_std, (None, "heads")),
                                   (cfg.relative_buckets, cfg.num_heads),
                                   jnp.dtype(cfg.param_dtype))
-            bias_1NTT = relative_position_bias(table_PN, T, T, not self.is_decoder,
-                                               cfg.relative_max_distance)
+            kv_len = T if cache is None else _cache_length(cache)
+            bias_1NTS = relative_position_bias(table_PN, T, kv_len, not self.is_decoder,
+                                               cfg.relative_max_distance, offset)
         enc_pos_BS = None
         if enc_BSD is not None:
             enc_pos_BS = jnp.broadcast_to(jnp.arange(enc_BSD.shape[1]), enc_BSD.shape[:2])
         layers = (cfg.num_decoder_layers or cfg.num_layers) if self.is_decoder else cfg.num_layers
         x_BTD = Stack(cfg, layers, deterministic, cross=self.is_decoder, name="stack")(
-            x_BTD, mask_BTS, pos_BT, enc_BSD, enc_mask_BTS, enc_pos_BS, bias_BNTS=bias_1NTT)
+            x_BTD, mask_BTS, pos_BT, enc_BSD, enc_mask_BTS, enc_pos_BS, bias_BNTS=bias_1NTS,
+            cache=None if cache is None else cache["layers"])
+        if cache is not None:
+            x_BTD, layers = x_BTD
+            cache = {"layers": layers, "index": cache["index"] + T}
         if cfg.final_norm:
             x_BTD = norm("ln_final")(x_BTD)
-        return x_BTD
+        return x_BTD if cache is None else (x_BTD, cache)
+
+
+def _cache_length(cache: dict) -> int:
+    """L, the number of self-attention slots of a decoding cache."""
+    layers = cache["layers"]
+    first = layers[0] if isinstance(layers, tuple) else layers
+    return first["self"]["k"].shape[-3]
 
 
 class EncoderDecoder(nn.Module):
@@ -106,31 +121,35 @@ class EncoderDecoder(nn.Module):
     def encode(self, src_BS: jax.Array, *, src_padding_mask_BS: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
         """Encoder output [B, S, D]."""
-        S = src_BS.shape[1]
-        mask_BSS = None if src_padding_mask_BS is None else attn.padding_mask(
-            src_padding_mask_BS, S)
-        return self.encoder(self._embed(src_BS), mask_BSS, deterministic=deterministic)
+        mask = None if src_padding_mask_BS is None else attn.MaskSpec(
+            kv_valid_BS=src_padding_mask_BS)
+        return self.encoder(self._embed(src_BS), mask, deterministic=deterministic)
 
-    def decode(self, tgt_BT: jax.Array, enc_BSD: jax.Array, *,
+    def decode(self, tgt_BT: jax.Array, enc_BSD: jax.Array | None, *,
                src_padding_mask_BS: jax.Array | None = None,
                tgt_padding_mask_BT: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
-        """Logits [B, T, V] of the next target token at every target position."""
+               deterministic: bool = True, cache: dict | None = None):
+        """Logits [B, T, V] of the next target token at every target position.
+
+        Decoding: pass `cache` (init_cache) and the target tokens after the cached ones; the
+        call returns (logits, cache advanced by T). The first call projects enc_BSD into the
+        cache's cross-attention keys and values; later calls may pass enc_BSD=None."""
         cfg = self.cfg
-        B, T = tgt_BT.shape
-        mask_BTT = jnp.broadcast_to(attn.causal_mask(T, T), (B, T, T))
-        if tgt_padding_mask_BT is not None:
-            mask_BTT = mask_BTT & attn.padding_mask(tgt_padding_mask_BT, T)
-        enc_mask_BTS = None if src_padding_mask_BS is None else attn.padding_mask(
-            src_padding_mask_BS, T)
-        x_BTD = self.decoder(self._embed(tgt_BT), mask_BTT, enc_BSD, enc_mask_BTS,
-                             deterministic=deterministic)
+        self_mask = attn.MaskSpec(kv_valid_BS=tgt_padding_mask_BT, causal=True,
+                                  q_offset=None if cache is None else cache["index"])
+        cross_mask = None if src_padding_mask_BS is None else attn.MaskSpec(
+            kv_valid_BS=src_padding_mask_BS)
+        x_BTD = self.decoder(self._embed(tgt_BT), self_mask, enc_BSD, cross_mask,
+                             deterministic=deterministic, cache=cache)
+        if cache is not None:
+            x_BTD, cache = x_BTD
         if cfg.scale_decoder_output:
             x_BTD = x_BTD * jnp.asarray(cfg.d_model ** -0.5, x_BTD.dtype)
         logits_BTV = self.embed.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)
         if cfg.final_logits_bias:
             logits_BTV = logits_BTV + self.logits_bias.astype(logits_BTV.dtype)
-        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+        return logits_BTV if cache is None else (logits_BTV, cache)
 
     def __call__(self, src_BS: jax.Array, tgt_BT: jax.Array, *,
                  src_padding_mask_BS: jax.Array | None = None,

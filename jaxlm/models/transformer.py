@@ -31,26 +31,37 @@ class Attention(nn.Module):
     """Self- or cross-attention with separate q/k/v projections [embed, heads, head_dim]."""
 
     cfg: ModelConfig
+    cross: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, kv_BSD, mask_BTS, q_pos_BT, kv_pos_BS, bias_BNTS=None,
                  cache=None):
-        """With a KV cache ({"k", "v"}: [B, L, K, H]), this step's keys and values are written
-        at slot `mask_BTS.q_offset` and attention runs over all L slots (the mask hides the
-        unwritten ones); returns (out, new_cache) then."""
+        """With a cache, returns (out, new_cache). Self-attention caches ({"k", "v"}:
+        [B, L, K, H]) get this step's keys and values at slot `mask_BTS.q_offset`, and
+        attention runs over all L slots (the mask hides the unwritten ones). Cross-attention
+        caches hold the projected encoder keys and values: an empty dict is filled on the
+        first decoding step, later steps reuse it without projecting again."""
         cfg = self.cfg
         N, K, H = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg)
         kw = dict(use_bias=cfg.use_bias, std=cfg.init_std, **dtypes(cfg))
         q = Projection((N, H), ("embed", "heads", "head_dim"), name="query", **kw)(x_BTD)
-        k = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="key", **kw)(kv_BSD)
-        v = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="value", **kw)(kv_BSD)
         if cfg.position == "rope":
             q = attn.rope(q, q_pos_BT, cfg.rope_theta)
-            k = attn.rope(k, kv_pos_BS, cfg.rope_theta)
+        if self.cross and cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="key", **kw)(kv_BSD)
+            v = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="value", **kw)(
+                kv_BSD)
+            if cfg.position == "rope":
+                k = attn.rope(k, kv_pos_BS, cfg.rope_theta)
         if cache is not None:
-            at = mask_BTS.q_offset
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), at, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), at, 1)
+            if not self.cross:
+                at = mask_BTS.q_offset
+                k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                        at, 1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                        at, 1)
             cache = {"k": k, "v": v}
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         scale = cfg.attention_scale or None
@@ -71,7 +82,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, layer_idx, mask_BTS, pos_BT, enc_BSD=None, enc_mask_BTS=None,
                  enc_pos_BS=None, bias_BNTS=None, local_mask_BTS=None, cache=None):
-        """Returns (x, this layer's updated KV cache or None)."""
+        """Returns (x, this layer's updated cache or None). A layer's cache is {"self": KV}
+        plus {"cross": encoder KV} in cross-attending stacks (see Attention)."""
         cfg = self.cfg
         if local_mask_BTS is not None:  # GPT-3: every local_every-th layer attends locally
             is_local = layer_idx % cfg.local_every == cfg.local_every - 1
@@ -85,19 +97,21 @@ class Block(nn.Module):
                 return x + drop(fn(norm(norm_name)(x)))
             return norm(norm_name)(x + drop(fn(x)))
 
-        new_cache = None
+        new_cache = None if cache is None else {}
 
-        def self_attention(h):
-            nonlocal new_cache
-            out = Attention(cfg, name="attn")(h, h, mask_BTS, pos_BT, pos_BT, bias_BNTS, cache)
-            if cache is not None:
-                out, new_cache = out
+        def attention_step(kind, h, kv, mask, kv_pos, bias):
+            attention = Attention(cfg, cross=kind == "cross", name="attn" if kind == "self"
+                                  else "cross_attn")
+            if cache is None:
+                return attention(h, kv, mask, pos_BT, kv_pos, bias)
+            out, new_cache[kind] = attention(h, kv, mask, pos_BT, kv_pos, bias, cache[kind])
             return out
 
-        x_BTD = residual(x_BTD, self_attention, "ln_attn")
+        x_BTD = residual(x_BTD, lambda h: attention_step("self", h, h, mask_BTS, pos_BT,
+                                                         bias_BNTS), "ln_attn")
         if self.cross:
-            x_BTD = residual(x_BTD, lambda h: Attention(cfg, name="cross_attn")(
-                h, enc_BSD, enc_mask_BTS, pos_BT, enc_pos_BS), "ln_cross")
+            x_BTD = residual(x_BTD, lambda h: attention_step("cross", h, enc_BSD, enc_mask_BTS,
+                                                             enc_pos_BS, None), "ln_cross")
         mlp = Mlp(cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.use_bias, cfg.init_std,
                   out_std(cfg), name="mlp", **dtypes(cfg))
         x_BTD = residual(x_BTD, mlp, "ln_mlp")
@@ -136,7 +150,8 @@ class Stack(nn.Module):
                  bias_BNTS=None, local_mask_BTS=None, cache=None):
         """bias_BNTS (e.g. T5's relative position bias) is shared by all layers' self-attention;
         local_mask_BTS replaces mask_BTS in every `cfg.local_every`-th layer. With `cache`
-        (per-layer KV caches stacked on a leading layer axis) returns (x, updated cache)."""
+        (the layers' caches: stacked on a leading layer axis when scanned, else a tuple)
+        returns (x, updated cache)."""
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
@@ -152,28 +167,30 @@ class Stack(nn.Module):
             x_BTD, new_cache = scanned(cfg, self.deterministic, self.cross, name="layers")(
                 x_BTD, jnp.arange(self.num_layers), *args, cache)
             return x_BTD if cache is None else (x_BTD, new_cache)
-        # Unrolled layers keep one cache per layer (tuples): no restacking copy per step.
-        keys, values = [], []
+        # Unrolled layers keep one cache per layer (a tuple): no restacking copy per step.
+        new_caches = []
         for i in range(self.num_layers):
-            layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
             x_BTD, layer_cache = block(cfg, self.deterministic, self.cross, name=f"layers_{i}")(
-                x_BTD, i, *args, layer_cache)
-            if cache is not None:
-                keys.append(layer_cache["k"])
-                values.append(layer_cache["v"])
-        return x_BTD if cache is None else (x_BTD, {"k": tuple(keys), "v": tuple(values)})
+                x_BTD, i, *args, None if cache is None else cache[i])
+            new_caches.append(layer_cache)
+        return x_BTD if cache is None else (x_BTD, tuple(new_caches))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """An empty KV cache for DecoderLM: k and v [B, L, K, H] per layer (stacked on a leading
-    layer axis when the layers are scanned, else a tuple) and the next free slot."""
+    """An empty decoding cache: per decoder layer, self-attention k and v [B, L, K, H] (and
+    an empty cross-attention slot for encoder-decoders, filled by the first step), stacked
+    on a leading layer axis when the layers are scanned, else a tuple; plus the next slot."""
     shape = (batch, length, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg))
     dtype = jnp.dtype(cfg.dtype)
-    if cfg.scan_layers:
-        zeros = jnp.zeros((cfg.num_layers, *shape), dtype)
-    else:
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
+    cross = cfg.family == "encoder_decoder"
+    layers = (cfg.num_decoder_layers or cfg.num_layers) if cross else cfg.num_layers
+
+    def layer(lead=()):
+        zeros = jnp.zeros((*lead, *shape), dtype)
+        return {"self": {"k": zeros, "v": zeros}, **({"cross": {}} if cross else {})}
+
+    stacked = layer((layers,)) if cfg.scan_layers else tuple(layer() for _ in range(layers))
+    return {"layers": stacked, "index": jnp.zeros((), jnp.int32)}
 
 
 class DecoderLM(nn.Module):
@@ -209,12 +226,12 @@ class DecoderLM(nn.Module):
                                  kv_valid_BS=padding_mask_BT, causal=True,
                                  q_offset=None if cache is None else cache["index"])
         local_BTS = mask_BTS.replace(window=cfg.local_window) if cfg.local_window else None
-        layer_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x_BTD = Stack(cfg, cfg.num_layers, deterministic, name="decoder")(
-            x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS, cache=layer_cache)
+            x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS,
+            cache=None if cache is None else cache["layers"])
         if cache is not None:
-            x_BTD, layer_cache = x_BTD
-            cache = {**layer_cache, "index": cache["index"] + T}
+            x_BTD, layers = x_BTD
+            cache = {"layers": layers, "index": cache["index"] + T}
         if cfg.norm_position == "pre":
             x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name="ln_final",
                          **dtypes(cfg))(x_BTD)

@@ -42,6 +42,7 @@ class Summary:
     stopped_early: bool = False
     tokens: int = 0  # positions trained on: steps × batch_size × seq_len
     flops_per_token: float = float("nan")
+    next_command: str = ""  # what to try on the trained run
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -105,7 +106,8 @@ def train(cfg: Config, run_dir: Path, resuming: bool = False) -> Summary:
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
                         keep_period=cfg.checkpoint.keep_period,
                         async_save=cfg.checkpoint.async_save)
-    summary = Summary(run_dir=str(run_dir), steps=0, params=0)
+    summary = Summary(run_dir=str(run_dir), steps=0, params=0,
+                      next_command=next_command(cfg, run_dir))
     with jax.set_mesh(mesh), _Preemption() as preempt:
         abstract, shardings = state_shardings(model, tx, mesh)
         position = 0
@@ -270,6 +272,17 @@ def _recover(cfg: Config, ckpt: Checkpointer, abstract, step: int, position: int
     return state, back_to, position
 
 
+def next_command(cfg: Config, run_dir: str | Path) -> str:
+    """The command that shows what this run learned: a task score or a sample."""
+    if data_setup.uses_pairs(cfg):
+        task = {"xsum": "summarize", "disfl-qa": "qa"}.get(cfg.data.name, "translate")
+        return f"jaxlm eval --run {run_dir} --task {task}"
+    if cfg.model.family != "decoder":
+        return f"jaxlm eval --run {run_dir}"
+    prompt = "ROMEO:" if cfg.data.name == "shakespeare" else "The"
+    return f"jaxlm generate --run {run_dir} --prompt \"{prompt}\""
+
+
 def format_summary(s: Summary) -> str:
     lines = [
         "─" * 60,
@@ -283,7 +296,7 @@ def format_summary(s: Summary) -> str:
         f" checkpoint   {s.last_checkpoint or '-'}"
         + ("   (stopped early: run the same command to resume)" if s.stopped_early else ""),
         f" view         jaxlm plot {s.run_dir}   |   tensorboard --logdir {s.run_dir}",
-        f" next         jaxlm generate --run {s.run_dir} --prompt \"ROMEO:\"",
+        f" next         {s.next_command}",
         "─" * 60,
     ]
     return "\n".join(lines)

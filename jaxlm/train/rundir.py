@@ -70,6 +70,7 @@ def resolve(config_name: str | None, overrides: list[str]) -> tuple[Config, Path
                 f"{run_dir} holds a run of another model than config '{config_name}'; "
                 "use a new run.dir")
     resumed.run.dir = str(run_dir)
+    resumed.run.quiet = cfg.run.quiet  # this invocation's choice, not a property of the run
     return resumed, run_dir, True
 
 
