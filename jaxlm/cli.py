@@ -87,7 +87,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         results = evaluate_task(args.run, args.task, max_examples=args.max_examples,
                                 beams=args.beams, length_penalty=args.length_penalty,
-                                split=args.split, progress=not args.quiet)
+                                max_new_tokens=args.max_new_tokens, split=args.split,
+                                progress=not args.quiet)
     else:
         from jaxlm.evaluate import evaluate_run
 
@@ -258,8 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--beams", type=int, default=1, help="beam width for generation tasks")
     e.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search ranks by score / length**this")
+    e.add_argument("--max-new-tokens", type=int, default=0,
+                   help="longest output of generation tasks (0 = 32 for qa, else the "
+                        "training target length)")
 
-    r = add("prepare", cmd_prepare, "download, verify and cache a public-domain corpus")
+    r = add("prepare", cmd_prepare, "download, verify and cache a corpus")
     r.add_argument("name", help="corpus name, e.g. shakespeare")
     r.add_argument("--quiet", action="store_true", help="no progress output")
 

@@ -126,6 +126,16 @@ def test_eval_translate_beats_copy_baseline(mt_run, capsys):
 
 
 @pytest.mark.slow
+def test_eval_max_new_tokens_bounds_the_outputs(mt_run):
+    assert main(["eval", "--run", str(mt_run), "--task", "translate", "--quiet",
+                 "--max-examples", "8", "--max-new-tokens", "2"]) == 0
+    result = json.loads((mt_run / "eval_translate.json").read_text())
+    assert result["examples"] == 8
+    assert all(len(s["output"].split()) <= 2 for s in result["samples"]), result["samples"]
+    assert any(len(s["target"].split()) > 2 for s in result["samples"])
+
+
+@pytest.mark.slow
 def test_generate_with_beams_from_the_cli(mt_run, capsys):
     assert main(["generate", "--run", str(mt_run), "--prompt", "two three", "--beams", "3",
                  "--max-new-tokens", "30"]) == 0
