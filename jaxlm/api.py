@@ -14,7 +14,7 @@ from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer, CheckpointError, restore_params, save_params
 from jaxlm.config import Config, ConfigError, MeshConfig
 from jaxlm.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
-from jaxlm.generate import generate_ids, generate_seq2seq_ids
+from jaxlm.generate import generate_ids, generate_seq2seq_ids, unrolled_for_decoding
 from jaxlm.models.transformer import build_model
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
@@ -29,6 +29,7 @@ class LM:
         self.params = params
         self.tokenizer = tokenizer
         self.model = build_model(config.model)
+        self._decoding: tuple[Any, Any, Any] | None = None  # (of params, model, params)
         self._apply = jax.jit(lambda p, *t, **kw: self.model.apply({"params": p}, *t, **kw))
 
     def __call__(self, *token_arrays: Sequence[Sequence[int]] | np.ndarray | jax.Array,
@@ -67,12 +68,20 @@ class LM:
         prompts = [self.tokenizer.encode(t) for t in texts]
         if self.tokenizer.bos_id is not None and any(len(p) == 0 for p in prompts):
             prompts = [p or [self.tokenizer.bos_id] for p in prompts]
-        ids = generate_ids(self.model, self.params, prompts, max_new_tokens=max_new_tokens,
+        model, params = self._for_decoding()
+        ids = generate_ids(model, params, prompts, max_new_tokens=max_new_tokens,
                            max_len=self.config.model.max_seq_len, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, eos_id=self.tokenizer.eos_id,
                            pad_id=self.tokenizer.pad_id or 0)
         out = [self.tokenizer.decode(i) for i in ids]
         return out[0] if isinstance(text, str) else out
+
+    def _for_decoding(self) -> tuple[Any, Any]:
+        """Scanned layers split out once per LM, not once per `generate` call (an eval
+        generates batch after batch); the copy is kept beside the training layout."""
+        if self._decoding is None or self._decoding[0] is not self.params:
+            self._decoding = (self.params, *unrolled_for_decoding(self.model, self.params))
+        return self._decoding[1], self._decoding[2]
 
     def _seq2seq_ids(self, texts, max_new_tokens, temperature, top_k, top_p, seed, beams,
                      length_penalty) -> list[list[int]]:
@@ -81,8 +90,9 @@ class LM:
         tok = self.tokenizer
         eos = [tok.eos_id] if tok.eos_id is not None else []
         sources = [tok.encode(t) + eos for t in texts]  # as the pair batches built them
+        model, params = self._for_decoding()
         return generate_seq2seq_ids(
-            self.model, self.params, sources, max_new_tokens=max_new_tokens,
+            model, params, sources, max_new_tokens=max_new_tokens,
             start_id=start_id(tok), eos_id=tok.eos_id, pad_id=tok.pad_id or 0, beams=beams,
             length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed)

@@ -241,3 +241,21 @@ def test_scanned_models_decode_through_an_unrolled_copy():
     out = generate_seq2seq_ids(model, params, [[5, 9, 3, 7, 1]], max_new_tokens=6,
                                start_id=0, eos_id=None)[0]
     assert out == _naive_seq2seq_greedy(model, params, [5, 9, 3, 7, 1], 0, 6)
+
+
+def test_lm_splits_scanned_layers_once_for_all_generate_calls(monkeypatch):
+    import jaxlm.api as api
+    from jaxlm.data.tokenizers import ByteTokenizer
+
+    model, params = make(["model.scan_layers=true", "model.vocab_size=260"])
+    lm = api.LM(config_lib.load("tiny", TINY + ["model.scan_layers=true",
+                                                "model.vocab_size=260"]), params, ByteTokenizer())
+    calls = []
+    real = api.unrolled_for_decoding
+    monkeypatch.setattr(api, "unrolled_for_decoding", lambda m, p: calls.append(1) or real(m, p))
+    first = lm.generate(["ab", "c"], max_new_tokens=4, temperature=0.0)
+    assert lm.generate(["ab", "c"], max_new_tokens=4, temperature=0.0) == first
+    assert len(calls) == 1
+    lm.params = jax.tree.map(lambda x: x * 0.5, params)  # new parameters: split again
+    lm.generate("ab", max_new_tokens=2, temperature=0.0)
+    assert len(calls) == 2

@@ -93,22 +93,26 @@ def number_pairs(n, seed):
     return out
 
 
-@pytest.fixture(scope="module")
-def mt_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mt")
+def train_on_number_pairs(tmp, *model_args: str):
+    """A 150-step run (~1 min on 2 CPU cores) of a small model on the number-word pairs."""
     train, valid = tmp / "train.jsonl", tmp / "valid.jsonl"
     train.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(2000, 0)))
     valid.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(40, 1)))
     run = tmp / "run"
-    assert main(["train", "--quiet", "model.preset=transformer", "model.norm_position=pre",
-                 "model.num_layers=2", "model.d_model=64", "model.num_heads=4",
-                 "model.d_ff=128", "model.vocab_size=300", "model.max_seq_len=32",
-                 "data.tokenizer=bpe", "data.bpe_vocab_size=300",
-                 "model.scan_layers=false", "train.seq_len=16", "train.batch_size=32",
+    assert main(["train", "--quiet", *model_args, "model.num_layers=2", "model.d_model=64",
+                 "model.num_heads=4", "model.d_ff=128", "model.vocab_size=300",
+                 "data.tokenizer=bpe", "data.bpe_vocab_size=300", "train.batch_size=32",
                  "train.steps=150", "train.eval_every=150", "train.log_every=50",
                  "checkpoint.every=150", "optim.lr=3e-3", "optim.warmup_steps=20",
                  f"data.files={train}", f"data.valid_files={valid}", f"run.dir={run}"]) == 0
     return run
+
+
+@pytest.fixture(scope="module")
+def mt_run(tmp_path_factory):
+    return train_on_number_pairs(tmp_path_factory.mktemp("mt"), "model.preset=transformer",
+                                 "model.norm_position=pre", "model.scan_layers=false",
+                                 "model.max_seq_len=32", "train.seq_len=16")
 
 
 @pytest.mark.slow
@@ -184,17 +188,7 @@ def test_pair_runs_and_heldout_pairs(tmp_path):
 def test_decoder_only_trains_on_prompt_answer_rows_and_answers(tmp_path):
     """A decoder reads "source\\nAnswer:" and learns the target (loss on the answer only);
     `eval --task qa` prompts it the same way and scores its first line by SQuAD rules."""
-    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
-    train.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(2000, 0)))
-    valid.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(40, 1)))
-    run = tmp_path / "run"
-    assert main(["train", "--quiet", "model.num_layers=2", "model.d_model=64",
-                 "model.num_heads=4", "model.d_ff=128", "model.vocab_size=300",
-                 "model.max_seq_len=48", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
-                 "train.seq_len=48", "train.batch_size=32", "train.steps=150",
-                 "train.eval_every=150", "train.log_every=50", "checkpoint.every=150",
-                 "optim.lr=3e-3", "optim.warmup_steps=20", f"data.files={train}",
-                 f"data.valid_files={valid}", f"run.dir={run}"]) == 0
+    run = train_on_number_pairs(tmp_path, "model.max_seq_len=48", "train.seq_len=48")
     assert main(["eval", "--run", str(run), "--task", "qa", "--quiet"]) == 0
     result = json.loads((run / "eval_qa.json").read_text())
     assert result["examples"] == 40
