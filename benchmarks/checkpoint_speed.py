@@ -17,12 +17,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxlm import config as config_lib
-from jaxlm import sharding
+from jaxlm import setup
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import MeshConfig
-from jaxlm.models.transformer import build_model
-from jaxlm.optim import make_optimizer
-from jaxlm.train.state import count_params, init_state, state_shardings
+from jaxlm.train.state import count_params
 
 
 def main() -> None:
@@ -33,14 +30,14 @@ def main() -> None:
     cfg = config_lib.load(None, ["model.preset=gpt2", "model.num_layers=12", "model.d_model=768",
                                  "model.num_heads=12", "model.d_ff=3072",
                                  "model.vocab_size=50257", "model.max_seq_len=1024",
-                                 "train.seq_len=128", "model.scan_layers=true"])
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    model, tx = build_model(cfg.model), make_optimizer(cfg.optim, 10)
+                                 "train.seq_len=128", "model.scan_layers=true",
+                                 "mesh.data=1", "train.steps=10", "seed=0"])
+    s = setup.build(cfg, devices=jax.devices()[:1])
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
-    with jax.set_mesh(mesh):
-        state = init_state(model, tx, mesh, seed=0)
-        abstract, _ = state_shardings(model, tx, mesh)
+    with jax.set_mesh(s.mesh):
+        state = s.init_state()
+        abstract = s.abstract_state
         jax.block_until_ready(state)
         nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
         blocking, total, restore = [], [], []

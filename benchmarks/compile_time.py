@@ -14,36 +14,27 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 
-from jaxlm.config import ModelConfig, OptimConfig
-from jaxlm.models.transformer import build_model
-from jaxlm.optim import lr_schedule, make_optimizer
-from jaxlm.train.state import TrainState
-from jaxlm.train.step import make_train_step
+from jaxlm import setup
+from jaxlm.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig, validate
 
 MODEL = ModelConfig(d_model=256, num_heads=4, d_ff=1024, vocab_size=256, max_seq_len=256,
                     attention="xla")
 
 
-def compile_seconds(cfg: ModelConfig, batch: int = 8, seq_len: int = 256) -> float:
-    model = build_model(cfg)
-    tx = make_optimizer(OptimConfig(), 100)
-    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-
-    def init(rng):
-        params = model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=rng)
-
-    state = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    batch_spec = {"inputs": tokens, "targets": tokens,
-                  "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
-    # A fresh function each time, so no tracing or compilation cache is reused.
-    step = make_train_step(model, tx, lr_schedule(OptimConfig(), 100))
-    t0 = time.perf_counter()
-    jax.jit(step, donate_argnums=0).lower(state, batch_spec).compile()
-    return time.perf_counter() - t0
+def compile_seconds(model: ModelConfig, batch: int = 8, seq_len: int = 256) -> float:
+    cfg = Config(model=model, optim=OptimConfig(),
+                 train=TrainConfig(steps=100, batch_size=batch, seq_len=seq_len),
+                 mesh=MeshConfig(data=1))
+    validate(cfg)
+    # setup.build wires fresh jitted functions each time, so no tracing or compilation cache
+    # is reused.
+    s = setup.build(cfg, devices=jax.devices()[:1])
+    with jax.set_mesh(s.mesh):
+        batch_spec = s.abstract_batch()
+        t0 = time.perf_counter()
+        s.train_step.lower(s.abstract_state, batch_spec).compile()
+        return time.perf_counter() - t0
 
 
 def main() -> None:

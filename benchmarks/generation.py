@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import ModelConfig
+from jaxlm.families import registry
 from jaxlm.generate import (
     _decode_cached,
     _decode_full,
@@ -26,7 +27,6 @@ from jaxlm.generate import (
     _seq2seq_sample,
     unrolled_for_decoding,
 )
-from jaxlm.models.transformer import build_model
 
 
 def _best_tokens_per_sec(run, tokens: int, repeats: int) -> float:
@@ -72,8 +72,8 @@ def main() -> None:
     cfg = ModelConfig(num_layers=args.layers, d_model=args.d_model, num_heads=4,
                       d_ff=4 * args.d_model, vocab_size=256,
                       max_seq_len=args.prompt_len + args.new_tokens, attention="xla")
-    model = build_model(cfg)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    model = registry.build_model(cfg)
+    params = model.init(jax.random.PRNGKey(0), *registry.of(cfg).init_inputs())["params"]
     scanned = tokens_per_sec(_decode_cached, model, params, 1, args.prompt_len,
                              args.new_tokens, args.repeats)
     model, params = unrolled_for_decoding(model, params)  # as generate_ids does
@@ -97,9 +97,8 @@ def main() -> None:
                        "model.num_heads=4", f"model.d_ff={4 * args.d_model}",
                        "model.vocab_size=256", f"model.max_seq_len={args.new_tokens + 1}",
                        "model.attention=xla"]).model
-    model = build_model(mt)
-    x = jnp.ones((1, 8), jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), x, x)["params"]
+    model = registry.build_model(mt)
+    params = model.init(jax.random.PRNGKey(0), *registry.of(mt).init_inputs())["params"]
     print(f"\nencoder-decoder, {args.layers}+{args.layers} layers, d_model {args.d_model}; "
           f"source 32 tokens, {args.new_tokens} new tokens, greedy\n")
     print("| batch | KV cache (tokens/s) | full recompute (tokens/s) | speedup |")

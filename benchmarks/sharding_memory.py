@@ -14,34 +14,25 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlm import config as config_lib  # noqa: E402
-from jaxlm import sharding  # noqa: E402
-from jaxlm.config import MeshConfig  # noqa: E402
-from jaxlm.models.transformer import build_model  # noqa: E402
-from jaxlm.optim import lr_schedule, make_optimizer  # noqa: E402
-from jaxlm.train.state import count_params, state_shardings  # noqa: E402
-from jaxlm.train.step import jit_train_step, make_train_step  # noqa: E402
+from jaxlm import setup  # noqa: E402
+from jaxlm.train.state import count_params  # noqa: E402
 
 SHAPE = ["model.num_layers=4", "model.d_model=512", "model.num_heads=8", "model.d_ff=2048",
          "model.vocab_size=8192", "model.max_seq_len=128", "train.seq_len=128",
-         "train.batch_size=8"]
+         "train.batch_size=8", "train.steps=10"]
 
 
 def state_bytes_per_device(mesh_shape: tuple[int, int, int]) -> tuple[int, int]:
-    cfg = config_lib.load(None, SHAPE)
-    n = int(np.prod(mesh_shape))
-    mesh = sharding.make_mesh(MeshConfig(*mesh_shape), jax.devices()[:n])
-    model, tx = build_model(cfg.model), make_optimizer(cfg.optim, 10)
-    with jax.set_mesh(mesh):
-        abstract, shardings = state_shardings(model, tx, mesh)
-        step = jit_train_step(make_train_step(model, tx, lr_schedule(cfg.optim, 10)),
-                              shardings, mesh)
-        bs = sharding.batch_sharding(mesh)
-        batch = {k: jax.ShapeDtypeStruct((8, 128), dt, sharding=bs)
-                 for k, dt in [("inputs", np.int32), ("targets", np.int32),
-                               ("loss_mask", np.float32)]}
-        mem = step.lower(abstract, batch).compile().memory_analysis()
-    batch_bytes = 3 * 8 * 128 * 4 // (mesh_shape[0] * mesh_shape[1])
-    return mem.argument_size_in_bytes - batch_bytes, count_params(abstract.params)
+    data, fsdp, tensor = mesh_shape
+    cfg = config_lib.load(None, SHAPE + [f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                                         f"mesh.tensor={tensor}"])
+    s = setup.build(cfg, devices=jax.devices()[:int(np.prod(mesh_shape))])
+    with jax.set_mesh(s.mesh):
+        batch = s.abstract_batch()
+        mem = s.train_step.lower(s.abstract_state, batch).compile().memory_analysis()
+    batch_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                      for x in jax.tree.leaves(batch)) // (data * fsdp)
+    return mem.argument_size_in_bytes - batch_bytes, count_params(s.abstract_state.params)
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ the same batches.
 Rounds alternate jaxlm, torch, jaxlm, torch...; each round times `steps` steps (jaxlm: wall
 time to the last step's result; torch: wall time of forward+backward+clip+step). Reported:
 median tokens/s over rounds per side, their ratio, and achieved model FLOP/s (PaLM formula,
-jaxlm.perf) as a fraction of the best float32 matmul FLOP/s (jax or torch) measured here.
+the family's `flops_per_token` via jaxlm.setup) as a fraction of the best float32 matmul
+FLOP/s (jax or torch) measured here.
 """
 
 from __future__ import annotations
@@ -38,28 +39,28 @@ OVERRIDES = [f"model.num_layers={L}", f"model.d_model={D}", f"model.num_heads={H
 
 
 def make_jaxlm(extra: list[str]):
+    """The compiled train step (jaxlm.bench.compile_step, wired by jaxlm.setup.build) with
+    its initial state."""
     from jaxlm import config as config_lib
-    from jaxlm.bench import build, synthetic_batch
+    from jaxlm.bench import compile_step
 
-    cfg = config_lib.load("tiny", OVERRIDES + extra)
-    setup = build(cfg)
-    return cfg, setup, synthetic_batch
+    return compile_step(config_lib.load("tiny", OVERRIDES + extra))
 
 
-def jaxlm_round(setup, batches, steps: int) -> float:
+def jaxlm_round(compiled, batches, steps: int) -> float:
     """Seconds for `steps` steps dispatched asynchronously (as the train loop does)."""
     from jaxlm import sharding
 
-    state = setup.state
-    with jax.set_mesh(setup.mesh):
-        device_batches = [sharding.host_batch_to_global(b, setup.mesh) for b in batches]
+    state = compiled.state
+    with jax.set_mesh(compiled.mesh):
+        device_batches = [sharding.host_batch_to_global(b, compiled.mesh) for b in batches]
         jax.block_until_ready(device_batches)
         t0 = time.perf_counter()
         for i in range(steps):
-            state, metrics = setup.step(state, device_batches[i % len(device_batches)])
+            state, metrics = compiled.step(state, device_batches[i % len(device_batches)])
         jax.block_until_ready((state, metrics))
         seconds = time.perf_counter() - t0
-    setup.state = state
+    compiled.state = state  # the old one was donated
     return seconds
 
 
@@ -80,8 +81,8 @@ def make_torch():
 def torch_round(model, opt, batches, steps: int) -> float:
     import torch
 
-    tensors = [torch.from_numpy(np.ascontiguousarray(b["inputs"])).long() for b in batches]
-    targets = [torch.from_numpy(np.ascontiguousarray(b["targets"])).long() for b in batches]
+    tensors = [torch.from_numpy(np.ascontiguousarray(b.inputs)).long() for b in batches]
+    targets = [torch.from_numpy(np.ascontiguousarray(b.targets)).long() for b in batches]
     t0 = time.perf_counter()
     for i in range(steps):
         logits = model(tensors[i % len(tensors)]).logits
@@ -134,25 +135,23 @@ def main() -> None:
     import torch
     import transformers
 
-    from jaxlm import perf
-
-    cfg, setup, synthetic_batch = make_jaxlm(args.overrides)
+    compiled = make_jaxlm(args.overrides)
     rng = np.random.default_rng(0)
-    batches = [synthetic_batch(cfg, rng) for _ in range(4)]
+    batches = [compiled.setup.synthetic_batch(rng) for _ in range(4)]  # typed LMBatch
     model, opt = make_torch()
-    jaxlm_round(setup, batches, args.warmup)
+    jaxlm_round(compiled, batches, args.warmup)
     torch_round(model, opt, batches, args.warmup)
 
     tokens = B * T * args.steps
     tps: dict[str, list[float]] = {"jaxlm": [], "torch": []}
     for r in range(args.rounds):
-        tps["jaxlm"].append(tokens / jaxlm_round(setup, batches, args.steps))
+        tps["jaxlm"].append(tokens / jaxlm_round(compiled, batches, args.steps))
         tps["torch"].append(tokens / torch_round(model, opt, batches, args.steps))
         print(f"round {r + 1}: jaxlm {tps['jaxlm'][-1]:,.0f} tok/s   "
               f"torch {tps['torch'][-1]:,.0f} tok/s", flush=True)
     ceiling = matmul_ceiling()
     med = {k: statistics.median(v) for k, v in tps.items()}
-    fpt = perf.flops_per_token(cfg, setup.state.params)
+    fpt = compiled.setup.flops_per_token()
     peak = max(ceiling.values())
     result = {
         "workload": "W", "overrides": args.overrides,

@@ -10,15 +10,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
 
-from jaxlm import sharding
 from jaxlm.config import Config, ConfigError
-from jaxlm.models.transformer import build_model
-from jaxlm.optim import lr_schedule, make_optimizer
-from jaxlm.perf import flops_per_token
-from jaxlm.train.state import count_params, state_shardings
-from jaxlm.train.step import jit_train_step, make_train_step
+from jaxlm.setup import build
+from jaxlm.train.state import count_params
 
 GIB = 1024**3
 # HBM per chip (GiB), by the device_kind libtpu reports.
@@ -89,28 +84,14 @@ def _bytes_per_chip(tree: Any) -> int:
 
 def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     devices = topology_devices(topology)
-    shape = sharding.mesh_shape(cfg.mesh, len(devices))
-    mesh = Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES,
-                axis_types=(AxisType.Auto,) * 3)
-    sharding.check_model_fits_mesh(cfg.model, mesh)
-    if cfg.train.batch_size % (sharding.data_parallel_size(mesh) * cfg.optim.grad_accum_steps):
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                          f"data-parallel size {sharding.data_parallel_size(mesh)}")
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    with jax.set_mesh(mesh):
-        abstract, shardings = state_shardings(model, tx, mesh)
-        step = jit_train_step(make_train_step(model, tx, lr_schedule(cfg.optim, cfg.train.steps),
-                                              grad_accum_steps=cfg.optim.grad_accum_steps),
-                              shardings, mesh)
-        B, T = cfg.train.batch_size, cfg.train.seq_len
-        bs = sharding.batch_sharding(mesh)
-        batch = {"inputs": jax.ShapeDtypeStruct((B, T), np.int32, sharding=bs),
-                 "targets": jax.ShapeDtypeStruct((B, T), np.int32, sharding=bs),
-                 "loss_mask": jax.ShapeDtypeStruct((B, T), np.float32, sharding=bs)}
+    setup = build(cfg, devices=devices)
+    abstract = setup.abstract_state
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    with jax.set_mesh(setup.mesh):
         t0 = time.time()
-        compiled = step.lower(abstract, batch).compile()
+        compiled = setup.train_step.lower(abstract, setup.abstract_batch()).compile()
         seconds = time.time() - t0
+    mesh = setup.mesh
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -128,6 +109,6 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
         opt_state_bytes_per_chip=opt_b, temp_bytes_per_chip=temp_b,
         total_bytes_per_chip=total_b, hbm_bytes_per_chip=hbm_b,
         fits=None if hbm_b is None else total_b <= hbm_b,
-        flops_per_step=flops_per_token(cfg, abstract.params) * B * T,
+        flops_per_step=setup.flops_per_token() * B * T,
         xla_flops_per_step=float(cost.get("flops", 0.0)) * len(devices),
         compile_seconds=seconds)

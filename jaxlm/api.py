@@ -12,10 +12,10 @@ import numpy as np
 
 from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer, CheckpointError, restore_params, save_params
-from jaxlm.config import Config, ConfigError, MeshConfig
+from jaxlm.config import Config, MeshConfig
 from jaxlm.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
-from jaxlm.generate import generate_ids, generate_seq2seq_ids, unrolled_for_decoding
-from jaxlm.models.transformer import build_model
+from jaxlm.families import registry
+from jaxlm.generate import unrolled_for_decoding
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
 from jaxlm.train.state import param_shardings, state_shardings
@@ -28,7 +28,8 @@ class LM:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
-        self.model = build_model(config.model)
+        self.family = registry.of(config.model)
+        self.model = self.family.build_model(config.model)
         self._decoding: tuple[Any, Any, Any] | None = None  # (of params, model, params)
         self._apply = jax.jit(lambda p, *t, **kw: self.model.apply({"params": p}, *t, **kw))
 
@@ -55,24 +56,11 @@ class LM:
             raise TokenizerError("this model has no tokenizer (its directory had no tokenizer "
                                  "files); call it on token ids, or add a tokenizer")
         texts = [text] if isinstance(text, str) else list(text)
-        if self.config.model.family == "encoder_decoder":
-            out = [self.tokenizer.decode(i) for i in self._seq2seq_ids(
-                texts, max_new_tokens, temperature, top_k, top_p, seed, beams, length_penalty)]
-            return out[0] if isinstance(text, str) else out
-        if self.config.model.family == "encoder":
-            raise ConfigError("a masked LM (encoder-only) does not generate text; call it on "
-                              "token ids for logits")
-        if beams > 1:
-            raise ConfigError("beam search (beams > 1) is for encoder-decoder models; this "
-                             f"is a {self.config.model.family} model")
-        prompts = [self.tokenizer.encode(t) for t in texts]
-        if self.tokenizer.bos_id is not None and any(len(p) == 0 for p in prompts):
-            prompts = [p or [self.tokenizer.bos_id] for p in prompts]
         model, params = self._for_decoding()
-        ids = generate_ids(model, params, prompts, max_new_tokens=max_new_tokens,
-                           max_len=self.config.model.max_seq_len, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed, eos_id=self.tokenizer.eos_id,
-                           pad_id=self.tokenizer.pad_id or 0)
+        ids = self.family.generate_ids(
+            model, params, self.tokenizer, self.config.model, texts,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, beams=beams, length_penalty=length_penalty)
         out = [self.tokenizer.decode(i) for i in ids]
         return out[0] if isinstance(text, str) else out
 
@@ -82,20 +70,6 @@ class LM:
         if self._decoding is None or self._decoding[0] is not self.params:
             self._decoding = (self.params, *unrolled_for_decoding(self.model, self.params))
         return self._decoding[1], self._decoding[2]
-
-    def _seq2seq_ids(self, texts, max_new_tokens, temperature, top_k, top_p, seed, beams,
-                     length_penalty) -> list[list[int]]:
-        from jaxlm.data.setup import start_id
-
-        tok = self.tokenizer
-        eos = [tok.eos_id] if tok.eos_id is not None else []
-        sources = [tok.encode(t) + eos for t in texts]  # as the pair batches built them
-        model, params = self._for_decoding()
-        return generate_seq2seq_ids(
-            model, params, sources, max_new_tokens=max_new_tokens,
-            start_id=start_id(tok), eos_id=tok.eos_id, pad_id=tok.pad_id or 0, beams=beams,
-            length_penalty=length_penalty, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed)
 
 
 EXPORT_PARAMS_DIR = "params"
@@ -130,7 +104,7 @@ def load(path: str | Path, step: int | None = None) -> LM:
     # A run converted from an HF directory without tokenizer files has none: ids only.
     tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = build_model(cfg.model)
+    model = registry.of(cfg.model).build_model(cfg.model)
     if (path / EXPORT_PARAMS_DIR).exists():
         with jax.set_mesh(mesh):
             abstract_params, shardings = param_shardings(model, mesh)

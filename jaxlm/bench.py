@@ -20,81 +20,47 @@ import numpy as np
 import optax
 
 from jaxlm import perf, sharding
-from jaxlm.config import Config, ConfigError
-from jaxlm.models.transformer import build_model
-from jaxlm.objectives import loss_for
-from jaxlm.optim import lr_schedule, make_optimizer
-from jaxlm.train.state import count_params, init_state, state_shardings
-from jaxlm.train.step import jit_train_step, make_train_step
-
-
-def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One global host batch of uniform random tokens, shaped for the model family."""
-    B, T, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
-    tokens = rng.integers(0, V - 1, size=(B, T + 1), dtype=np.int32)  # V-1: the mask id
-    ones = np.ones((B, T), np.float32)
-    if cfg.model.family == "decoder":
-        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": ones}
-    if cfg.model.family == "encoder":
-        return {"inputs": tokens[:, :-1], "loss_mask": ones}
-    src, tgt = tokens[:, :T], tokens[:, 1:]
-    return {"src": src, "src_mask": ones, "tgt_in": tokens[:, :-1], "tgt_out": tgt,
-            "loss_mask": ones}
+from jaxlm.config import Config
+from jaxlm.setup import StepSetup, build
+from jaxlm.train.state import count_params
 
 
 @dataclass
-class Setup:
-    """A compiled train step, its initial state and mesh: what bench and profile time."""
+class Compiled:
+    """A config's compiled train step with its initial state and one device batch: what
+    bench and profile time."""
 
-    cfg: Config
-    mesh: Any
+    setup: StepSetup
     state: Any
     step: Callable  # the compiled executable: step(state, batch) -> (state, metrics)
-    compiled: Any
     compile_seconds: float
-    num_params: int
-    abstract: Any
-    jitted: Callable  # the jitted step, for tracing (jaxpr FLOP counts)
     batch: Any  # one device batch of the right shape
 
+    @property
+    def cfg(self) -> Config:
+        return self.setup.cfg
 
-def jitted_step(cfg: Config, mesh: Any) -> tuple[Any, Any, Any, Callable]:
-    """(model, optimizer, abstract state, jitted train step) of `cfg` on `mesh`."""
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    loss_fn = loss_for(cfg.model.family, mask_id=cfg.model.vocab_size - 1,
-                       vocab_size=cfg.model.vocab_size, mlm_rate=cfg.train.mlm_rate)
-    abstract, shardings = state_shardings(model, tx, mesh)
-    step = jit_train_step(
-        make_train_step(model, tx, lr_schedule(cfg.optim, cfg.train.steps),
-                        grad_accum_steps=cfg.optim.grad_accum_steps, loss_fn=loss_fn),
-        shardings, mesh)
-    return model, tx, abstract, step
+    @property
+    def mesh(self) -> Any:
+        return self.setup.mesh
 
 
-def build(cfg: Config) -> Setup:
-    """Mesh, initial state and the AOT-compiled train step of `cfg` (timed compile)."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_model_fits_mesh(cfg.model, mesh)
-    dp = sharding.data_parallel_size(mesh)
-    if cfg.train.batch_size % (dp * cfg.optim.grad_accum_steps):
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                          f"data-parallel size {dp} × optim.grad_accum_steps="
-                          f"{cfg.optim.grad_accum_steps}")
-    with jax.set_mesh(mesh):
-        model, tx, abstract, step = jitted_step(cfg, mesh)
-        state = init_state(model, tx, mesh, cfg.seed)
-        host = synthetic_batch(cfg, np.random.default_rng(0))
-        batch = sharding.host_batch_to_global(host, mesh)
+def compile_step(cfg: Config) -> Compiled:
+    """The wired step of `cfg` (jaxlm.setup), its initial state and the AOT-compiled step on a
+    batch of random tokens (timed compile)."""
+    setup = build(cfg)
+    state = setup.init_state()
+    host = setup.synthetic_batch(np.random.default_rng(0))
+    with jax.set_mesh(setup.mesh):
+        batch = sharding.host_batch_to_global(host, setup.mesh)
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
+        compiled = setup.train_step.lower(state, batch).compile()
         seconds = time.perf_counter() - t0
-    return Setup(cfg, mesh, state, compiled, compiled, seconds, count_params(state.params),
-                 abstract, step, batch)
+    return Compiled(setup, state, compiled, seconds, batch)
 
 
-def time_steps(setup: Setup, steps: int, warmup: int,
-               next_batch: Callable[[], dict[str, np.ndarray]]) -> dict[str, list[float]]:
+def time_steps(setup: Compiled, steps: int, warmup: int,
+               next_batch: Callable[[], Any]) -> dict[str, list[float]]:
     """Runs warmup + steps train steps, each synchronised, and returns per-step seconds:
     `host` (building the host batch), `put` (host -> device), `dispatch` (the step call
     until it returns, asynchronously: host overhead), `step` (dispatch until the results
@@ -173,34 +139,36 @@ class BenchResult:
 
 def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> BenchResult:
     """Compiles the train step of `cfg` and times `steps` steady-state steps on random tokens."""
-    setup = build(cfg)
+    compiled = compile_step(cfg)
     rng = np.random.default_rng(1)
-    times = time_steps(setup, steps, warmup, functools.partial(synthetic_batch, cfg, rng))
-    return summarize(setup, times)
+    times = time_steps(compiled, steps, warmup,
+                       functools.partial(compiled.setup.synthetic_batch, rng))
+    return summarize(compiled, times)
 
 
-def counting_executable(setup: Setup) -> Any:
+def counting_executable(setup: Compiled) -> Any:
     """The compiled step whose cost analysis counts every layer. XLA counts a loop body once,
     so a scanned layer stack is compiled again unrolled (abstract inputs; nothing runs)."""
     cfg = setup.cfg
     if not (cfg.model.scan_layers and cfg.model.num_layers > 1):
-        return setup.compiled
-    unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
-    with jax.set_mesh(setup.mesh):
-        _, _, abstract, step = jitted_step(unrolled, setup.mesh)
-        return step.lower(abstract, setup.batch).compile()
+        return setup.step
+    unrolled = build(dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, scan_layers=False)))
+    with jax.set_mesh(unrolled.mesh):
+        return unrolled.train_step.lower(unrolled.abstract_state,
+                                         unrolled.abstract_batch()).compile()
 
 
-def cost_analysis_flops(setup: Setup) -> float:
+def cost_analysis_flops(setup: Compiled) -> float:
     """XLA's FLOPs for one step, all devices, every layer counted."""
     return perf.cost_flops(counting_executable(setup), setup.mesh.size)
 
 
-def optimizer_flops(setup: Setup) -> float:
+def optimizer_flops(setup: Compiled) -> float:
     """XLA's FLOPs for the optimizer update alone (clip + AdamW), summed over the devices:
     with replicated parameters every data-parallel replica does the whole update."""
-    tx = make_optimizer(setup.cfg.optim, setup.cfg.train.steps)
-    a = setup.abstract
+    tx = setup.setup.tx
+    a = setup.setup.abstract_state
 
     def update(grads, opt_state, params):
         updates, new_opt = tx.update(grads, opt_state, params)
@@ -211,26 +179,26 @@ def optimizer_flops(setup: Setup) -> float:
     return perf.cost_flops(compiled, setup.mesh.size)
 
 
-def summarize(setup: Setup, times: dict[str, list[float]]) -> BenchResult:
+def summarize(setup: Compiled, times: dict[str, list[float]]) -> BenchResult:
     cfg = setup.cfg
     n_dev = setup.mesh.size
     tokens = cfg.train.batch_size * cfg.train.seq_len
     med = statistics.median(times["step"])
     tps = tokens / med
-    fpt = perf.flops_per_token(cfg, setup.state.params)
+    fpt = setup.setup.flops_per_token()
     peak, _, source = perf.device_peak(cfg.model.dtype, setup.mesh.devices.flat[0])
     cost_fpt = cost_analysis_flops(setup) / tokens
     opt_fpt = optimizer_flops(setup) / tokens
     return BenchResult(
-        preset=cfg.model.preset, family=cfg.model.family, params=setup.num_params,
+        preset=cfg.model.preset, family=cfg.model.family,
+        params=count_params(setup.setup.abstract_state.params),
         devices=n_dev, device_kind=setup.mesh.devices.flat[0].device_kind,
         dtype=cfg.model.dtype, tokens_per_step=tokens, steps=len(times["step"]),
         compile_seconds=setup.compile_seconds, step_seconds_median=med, tokens_per_sec=tps,
         flops_per_token=fpt,
-        flops_per_token_dense=perf.flops_per_token(cfg, setup.state.params,
-                                                   causal_halved=False),
+        flops_per_token_dense=setup.setup.flops_per_token(causal_halved=False),
         cost_flops_per_token=cost_fpt, optimizer_flops_per_token=opt_fpt,
         peak_flops_per_device=peak, peak_source=source, mfu=perf.mfu(tps, fpt, peak, n_dev),
         mfu_cost_analysis=perf.mfu(tps, cost_fpt - opt_fpt, peak, n_dev),
         hfu_cost_analysis=perf.mfu(tps, cost_fpt, peak, n_dev),
-        peak_memory_bytes_per_device=perf.peak_memory(setup.compiled)["peak_bytes"])
+        peak_memory_bytes_per_device=perf.peak_memory(setup.step)["peak_bytes"])

@@ -60,6 +60,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def delete_after(self, step: int) -> None:
+        """Deletes the checkpoints newer than `step` (after a rollback they hold the damaged
+        parameters, and the resumed run will save those steps again)."""
+        self.wait()
+        for s in self.steps():
+            if s > step:
+                self.manager.delete(s)
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict]:
         """Restores the newest checkpoint that loads (or `step`); returns (step, state, data).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -46,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxlm.train import rundir
 
     overrides = args.overrides + (["run.quiet=true"] if args.quiet else [])
-    cfg, run_dir, resuming = rundir.resolve(args.config, overrides)
+    cfg, run_dir, _ = rundir.resolve(args.config, overrides)
     if args.print_config:
         print(config_lib.dump(cfg), end="")
         return 0
@@ -57,23 +58,47 @@ def cmd_train(args: argparse.Namespace) -> int:
                                               args.process_id), args.init_timeout)
     import jax
 
-    from jaxlm.train.loop import format_summary, train
+    from jaxlm.train.loop import train
+    from jaxlm.train.report import format_summary
 
-    summary = train(cfg, run_dir, resuming)
+    summary = train(cfg, run_dir)
     if not cfg.run.quiet and jax.process_index() == 0:
-        print(format_summary(summary))
+        print(format_summary(summary, next_command(cfg, run_dir)))
     return 0
+
+
+# What to show a person after training: the prompt that suits a prepared corpus, the task
+# evaluation that suits a pair corpus.
+SAMPLE_PROMPTS = {"shakespeare": "ROMEO:"}
+PAIR_TASKS = {"xsum": "summarize", "disfl-qa": "qa"}
+
+
+def next_command(cfg, run_dir) -> str:
+    """The command that shows what a run learned: a task score or a sample."""
+    from jaxlm.data.setup import uses_pairs
+    from jaxlm.families import registry
+
+    if uses_pairs(cfg):
+        task = PAIR_TASKS.get(cfg.data.name, "translate")
+        return f"jaxlm eval --run {run_dir} --task {task}"
+    if not registry.of(cfg.model).continues_prompt:
+        return f"jaxlm eval --run {run_dir}"
+    prompt = SAMPLE_PROMPTS.get(cfg.data.name, "The") if not cfg.data.files else "The"
+    return f'jaxlm generate --run {run_dir} --prompt "{prompt}"'
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import jaxlm
 
     lm = jaxlm.load(args.run)
+    top_k = min(args.top_k, lm.config.model.vocab_size)  # more than all tokens = all tokens
     texts = lm.generate([args.prompt] * args.num_samples, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        temperature=args.temperature, top_k=top_k, top_p=args.top_p,
                         seed=args.seed, beams=args.beams, length_penalty=args.length_penalty)
     # A decoder continues the prompt; an encoder-decoder's output stands alone.
-    prefix = "" if lm.config.model.family == "encoder_decoder" else args.prompt
+    from jaxlm.families import registry
+
+    prefix = args.prompt if registry.of(lm.config.model).continues_prompt else ""
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
@@ -121,8 +146,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from jaxlm.api import export
+    from pathlib import Path
 
+    from jaxlm.api import export
+    from jaxlm.checkpoint import CheckpointError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CheckpointError(f"'{args.out}' exists and is not a directory; choose a new one")
     print(f"wrote {export(args.run, args.out, args.step)} (params only; jaxlm.load reads it)")
     return 0
 
@@ -156,8 +186,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from jaxlm import config as config_lib
     from jaxlm import profile
+    from jaxlm.plot import check_figure_path
 
+    if args.out:  # refused now rather than after the profile has run
+        check_figure_path(args.out, parents_must_exist=True)
     if args.run:
+        from jaxlm.train import rundir
+
+        rundir.load_config(args.run, args.overrides)  # refuses bad overrides (from_run does not)
         report = profile.from_run(args.run, steps=args.steps, overrides=args.overrides)
     else:
         cfg = config_lib.load(args.config, args.overrides)
@@ -200,22 +236,66 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = _HelpFormatter
-    p = argparse.ArgumentParser(
-        prog="jaxlm", formatter_class=fmt,
-        description="Train, evaluate and sample Transformer language models with JAX.",
-        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (exit 2), without the usage block."""
 
-    def add(name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt,
-                            epilog=f"example: {EXAMPLES[name]}")
-        sp.set_defaults(fn=fn)
-        return sp
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    t = add("train", cmd_train, "train a model (resumes if run.dir holds a run)")
+
+# ------------------------------------------------------------------ argument types
+# argparse prints an ArgumentTypeError as "argument --x: <message>" and exits 2.
+
+def _int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An integer >= lo (and < hi)."""
+    rule = f">= {lo}" if hi is None else f">= {lo} and < {hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value >= hi):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_arg(lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False) -> Callable[[str], float]:
+    """A finite number >= lo (> lo when lo_open) and <= hi."""
+    rules = ([f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []) + (
+        [f"<= {hi:g}"] if hi is not None else [])
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        if below or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(rules)}, got {value:g}")
+        return value
+
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, SEED = _int_arg(1), _int_arg(0), _int_arg(0, 2**63)
+
+
+def _topology_arg(text: str) -> str:
+    """A non-empty topology name (libtpu reads an empty one as its default topology)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a TPU topology such as v5e:4x4, got ''")
+    return text.strip()
+
+
+# ------------------------------------------------------------------ each command's arguments
+
+def _train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", default=None,
                    help="config name (see configs/) or YAML path; default: tiny")
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
@@ -226,48 +306,58 @@ def build_parser() -> argparse.ArgumentParser:
     d = t.add_argument_group("multi-process runs (default: detected from JAXLM_*/JAX_* "
                              "coordinator variables, SLURM, or a Cloud TPU VM)")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
-    d.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
-    d.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
-    d.add_argument("--init-timeout", type=float, default=None, metavar="S",
+    d.add_argument("--num-processes", type=POSITIVE, metavar="N", help="processes in the run")
+    d.add_argument("--process-id", type=NON_NEGATIVE, metavar="I", help="this process, 0..N-1")
+    d.add_argument("--init-timeout", type=_float_arg(0, lo_open=True), default=None,
+                   metavar="S",
                    help="give up (exit 2) if the processes have not all joined after S "
                         "seconds (default: $JAXLM_INIT_TIMEOUT or 300)")
 
-    g = add("generate", cmd_generate, "sample text from a trained run")
+
+def _generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--run", required=True, help="run directory")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--num-samples", type=int, default=1, help="samples to draw")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--beams", type=int, default=1,
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to generate")
+    g.add_argument("--temperature", type=_float_arg(0), default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=NON_NEGATIVE, default=0,
+                   help="keep the k likeliest tokens (0 = all)")
+    g.add_argument("--top-p", type=_float_arg(0, 1, lo_open=True), default=1.0,
+                   help="nucleus sampling mass")
+    g.add_argument("--num-samples", type=POSITIVE, default=1, help="samples to draw")
+    g.add_argument("--seed", type=SEED, default=0, help="sampling seed")
+    g.add_argument("--beams", type=POSITIVE, default=1,
                    help="beam search width (encoder-decoder models; 1 = greedy/sampling)")
-    g.add_argument("--length-penalty", type=float, default=1.0,
+    g.add_argument("--length-penalty", type=_float_arg(), default=1.0,
                    help="beam search ranks by score / length**this (0 = raw log-prob)")
 
-    e = add("eval", cmd_eval, "evaluate a run on its held-out data")
+
+def _eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--run", required=True, help="run directory")
-    e.add_argument("--max-batches", type=int, default=0, help="0 = the whole validation split")
+    e.add_argument("--max-batches", type=NON_NEGATIVE, default=0,
+                   help="0 = the whole validation split")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--task", choices=("lm", "translate", "summarize", "qa"), default="lm",
                    help="lm: loss/perplexity/bits per byte; translate: BLEU+chrF (with the "
                         "copy-the-source baseline); summarize: ROUGE; qa: SQuAD EM/F1")
     e.add_argument("--split", choices=("test", "valid"), default="test",
                    help="held-out pairs of a prepared corpus (test falls back to valid)")
-    e.add_argument("--max-examples", type=int, default=0, help="0 = every held-out pair")
-    e.add_argument("--beams", type=int, default=1, help="beam width for generation tasks")
-    e.add_argument("--length-penalty", type=float, default=1.0,
+    e.add_argument("--max-examples", type=NON_NEGATIVE, default=0,
+                   help="0 = every held-out pair")
+    e.add_argument("--beams", type=POSITIVE, default=1, help="beam width for generation tasks")
+    e.add_argument("--length-penalty", type=_float_arg(), default=1.0,
                    help="beam search ranks by score / length**this")
-    e.add_argument("--max-new-tokens", type=int, default=0,
+    e.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=0,
                    help="longest output of generation tasks (0 = 32 for qa, else the "
                         "training target length)")
 
-    r = add("prepare", cmd_prepare, "download, verify and cache a corpus")
+
+def _prepare_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("name", help="corpus name, e.g. shakespeare")
     r.add_argument("--quiet", action="store_true", help="no progress output")
 
-    c = add("convert", cmd_convert, "convert between HF model directories and jaxlm runs")
+
+def _convert_args(c: argparse.ArgumentParser) -> None:
+    fmt = _HelpFormatter
     directions = c.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     h = directions.add_parser("hf2jaxlm", formatter_class=fmt,
                               epilog=f"example: {EXAMPLES['convert']}",
@@ -283,52 +373,93 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--run", required=True, help="run directory")
     j.add_argument("--out", required=True, help="new HF model directory")
 
-    ex = add("export", cmd_export, "write a params-only copy of a run for inference")
+
+def _export_args(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("--run", required=True, help="run directory")
     ex.add_argument("--out", required=True, help="new directory")
-    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    ex.add_argument("--step", type=NON_NEGATIVE, default=None,
+                    help="checkpoint step (default: newest)")
 
-    co = add("compile", cmd_compile, "compile the sharded train step ahead of time for a TPU "
-             "topology (needs the [tpu] extra; no TPU needed) and report per-chip memory, "
-             "FLOPs per step and whether it fits; exit 1 if it does not")
-    co.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2")
+
+def _compile_args(co: argparse.ArgumentParser) -> None:
+    co.add_argument("--topology", required=True, type=_topology_arg,
+                    help="e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2")
     co.add_argument("--config", default=None, help="config name or YAML path; default: tiny")
     co.add_argument("--json", action="store_true", help="print JSON instead of a table")
     co.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
-    be = add("bench", cmd_bench, "time steady-state training of a configuration on random "
-             "tokens: tokens/s, step time, compile time, MFU (PaLM formula and XLA cost "
-             "analysis), peak memory per device")
+
+def _bench_args(be: argparse.ArgumentParser) -> None:
     be.add_argument("--config", default=None, help="config name or YAML path; default: tiny")
-    be.add_argument("--steps", type=int, default=20, help="timed steps")
-    be.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    be.add_argument("--steps", type=POSITIVE, default=20, help="timed steps")
+    be.add_argument("--warmup", type=NON_NEGATIVE, default=3,
+                    help="untimed steps after compiling")
     be.add_argument("--json", action="store_true", help="print JSON instead of a table")
     be.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
-    pf = add("profile", cmd_profile, "the bottleneck report of a run or a configuration: "
-             "input-, host-, compute- or memory-bound, communication per collective, memory "
-             "split, gradient health (with --run)")
-    pf.add_argument("--run", default=None, help="run directory (its config, data, metrics "
-                    "and newest checkpoint)")
-    pf.add_argument("--config", default=None, help="config name or YAML path (without --run)")
-    pf.add_argument("--steps", type=int, default=10, help="timed steps")
+
+def _profile_args(pf: argparse.ArgumentParser) -> None:
+    which = pf.add_mutually_exclusive_group()
+    which.add_argument("--run", default=None, help="run directory (its config, data, metrics "
+                       "and newest checkpoint)")
+    which.add_argument("--config", default=None,
+                       help="config name or YAML path (without --run)")
+    pf.add_argument("--steps", type=POSITIVE, default=10, help="timed steps")
     pf.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pf.add_argument("--out", default="", metavar="FILE.png", help="also draw a PNG figure")
     pf.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
-    pl = add("plot", cmd_plot, "draw one PNG comparing runs: loss vs steps and tokens, eval "
-             "loss, learning rate, gradient norm, throughput")
+
+def _plot_args(pl: argparse.ArgumentParser) -> None:
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     pl.add_argument("--out", default="plot.png", metavar="FILE.png", help="the PNG to write")
 
-    ru = add("runs", cmd_runs, "list the runs below a folder: preset, params, steps, best "
-             "eval, tokens/s, last checkpoint, status")
+
+def _runs_args(ru: argparse.ArgumentParser) -> None:
     ru.add_argument("dir", nargs="?", default="runs", metavar="DIR",
                     help="folder searched for run directories")
     ru.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ru.description += (". Status: finished = reached train.steps; stopped = by a signal "
                        "(the same train command resumes); running = its process is alive; "
-                       "failed = its process ended before train.steps.")
+                       "failed = its process ended before train.steps; unreadable = its "
+                       "config.yaml is damaged.")
+
+
+# (name, function, help, arguments), in the order `jaxlm --help` lists them.
+COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], None]]] = [
+    ("train", cmd_train, "train a model (resumes if run.dir holds a run)", _train_args),
+    ("generate", cmd_generate, "sample text from a trained run", _generate_args),
+    ("eval", cmd_eval, "evaluate a run on its held-out data", _eval_args),
+    ("prepare", cmd_prepare, "download, verify and cache a corpus", _prepare_args),
+    ("convert", cmd_convert, "convert between HF model directories and jaxlm runs",
+     _convert_args),
+    ("export", cmd_export, "write a params-only copy of a run for inference", _export_args),
+    ("compile", cmd_compile, "compile the sharded train step ahead of time for a TPU "
+     "topology (needs the [tpu] extra; no TPU needed) and report per-chip memory, FLOPs per "
+     "step and whether it fits; exit 1 if it does not", _compile_args),
+    ("bench", cmd_bench, "time steady-state training of a configuration on random tokens: "
+     "tokens/s, step time, compile time, MFU (PaLM formula and XLA cost analysis), peak "
+     "memory per device", _bench_args),
+    ("profile", cmd_profile, "the bottleneck report of a run or a configuration: input-, "
+     "host-, compute- or memory-bound, communication per collective, memory split, gradient "
+     "health (with --run)", _profile_args),
+    ("plot", cmd_plot, "draw one PNG comparing runs: loss vs steps and tokens, eval loss, "
+     "learning rate, gradient norm, throughput", _plot_args),
+    ("runs", cmd_runs, "list the runs below a folder: preset, params, steps, best eval, "
+     "tokens/s, last checkpoint, status", _runs_args),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jaxlm", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Train, evaluate and sample Transformer language models with JAX.",
+                epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, fn, help_text, add_arguments in COMMANDS:
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=_HelpFormatter, epilog=f"example: {EXAMPLES[name]}")
+        sp.set_defaults(fn=fn)
+        add_arguments(sp)
     return p
 
 

@@ -79,12 +79,17 @@ class ModelConfig:
     scale_decoder_output: bool = _f(False, "decoder output times d_model**-0.5 before the "
                                     "vocabulary projection (T5 v1.0)")
     final_logits_bias: bool = _f(False, "a learned bias on the output logits (BART, Marian)")
-    decoder_start_id: int = _f(0, "token that starts every decoder input (T5: pad, BART: eos)")
+    decoder_start_id: int = _f(-1, "token that starts every decoder input; -1 = the tokenizer's "
+                               "BOS (else PAD, else 0); HF conversions set the model's own "
+                               "(T5: pad, BART: eos)")
 
 
 @dataclass
 class DataConfig:
     name: str = _f("shakespeare", "prepared corpus name (jaxlm prepare NAME); ignored if files set")
+    format: str = _f("", "text (documents) | pairs (source/target JSON lines, encoder-decoder)"
+                     " | prompt_answer (source/target JSON lines as prompt -> answer rows, "
+                     "decoder); empty = the prepared corpus's kind, text for data.files")
     files: list[str] = _f([], "local text/jsonl training files or globs; overrides name")
     valid_files: list[str] = _f([], "held-out files; empty = last valid_fraction of files")
     valid_fraction: float = _f(0.05, "share of local text held out when valid_files is empty")
@@ -136,6 +141,8 @@ class MeshConfig:
     data: int = _f(-1, "data-parallel axis size (-1 = the devices left over)")
     fsdp: int = _f(1, "fully-sharded data-parallel axis size (-1 = the devices left over)")
     tensor: int = _f(1, "tensor-parallel axis size (-1 = the devices left over)")
+    rules: list[str] = _f([], "logical-axis rules over the default table, e.g. "
+                          "embed=tensor or mlp=fsdp+tensor or vocab= (not sharded)")
 
 
 @dataclass
@@ -333,10 +340,21 @@ def _read_yaml(name_or_path: str) -> tuple[str, dict[str, Any]]:
 DEFAULT_CONFIG = "tiny"
 
 
+def preset_fields(name: str) -> dict[str, Any]:
+    """The `model.*` fields a preset sets, before the YAML file and overrides."""
+    from jaxlm.models.presets import PRESETS
+
+    if name not in PRESETS:
+        near = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(
+            f"model.preset='{name}' is unknown; {hint}available: {', '.join(PRESETS)}"
+        )
+    return dict(PRESETS[name], preset=name)
+
+
 def load(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Resolves a config: schema defaults < preset < YAML file < overrides, then validates."""
-    from jaxlm.models.presets import preset_fields
-
     name, file_raw = _read_yaml(name_or_path or DEFAULT_CONFIG)
     over_raw = parse_overrides(overrides or [])
     user = _merge(file_raw, over_raw)
@@ -344,15 +362,52 @@ def load(name_or_path: str | None = None, overrides: list[str] | None = None) ->
     raw = _merge({"model": preset_fields(str(preset))}, user)
     raw.setdefault("name", name)
     cfg = from_dict(raw)
+    _refuse_ignored_fields(cfg, set((user.get("model") or {}).keys()))
+    cfg = resolve_data_format(cfg)
     validate(cfg)
     return cfg
 
 
 def from_yaml_text(text: str) -> Config:
     """Reads a resolved config.yaml (as written to a run directory)."""
-    cfg = from_dict(yaml.safe_load(text) or {})
+    cfg = resolve_data_format(from_dict(yaml.safe_load(text) or {}))
     validate(cfg)
     return cfg
+
+
+def _refuse_ignored_fields(cfg: Config, user_fields: set[str]) -> None:
+    """A `model.*` field the user set that the model's family never reads is an error: it
+    would otherwise be silently ignored."""
+    from jaxlm.families import schema
+
+    family = cfg.model.family
+    if not schema.is_family(family):
+        return  # validate() names the bad family
+    ignored = schema.ignored_fields(family, user_fields)
+    if ignored:
+        raise ConfigError(f"model.{ignored[0]} does not apply to the {family} family "
+                          f"(model.preset={cfg.model.preset}); remove it or choose a preset "
+                          "of a family that reads it")
+
+
+def resolve_data_format(cfg: Config) -> Config:
+    """data.format when left empty: the prepared corpus's kind (pairs for a source/target
+    corpus, as the family reads pairs), text for data.files. Never guessed from contents."""
+    from jaxlm.families import schema
+
+    if cfg.data.format or not schema.is_family(cfg.model.family):
+        return cfg
+    from jaxlm.data.prepare import CORPORA
+
+    corpus = CORPORA.get(cfg.data.name)
+    fmt = "text"
+    if not cfg.data.files and corpus is not None and corpus.suffix == ".jsonl":
+        fmt = schema.pair_format(cfg.model.family)
+        if fmt is None:
+            raise ConfigError(f"data.name={cfg.data.name} is a (source, target) corpus, and the "
+                              f"{cfg.model.family} family trains on text; choose a text corpus "
+                              "or data.files")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=fmt))
 
 
 def dump(cfg: Config) -> str:
@@ -372,6 +427,7 @@ _CHOICES = {
     "model.position": ("learned", "rope", "sinusoidal", "none"),
     "model.sinusoidal_layout": ("interleaved", "split"),
     "model.remat": ("none", "full", "dots_saveable", "offload"),
+    "data.format": ("", "text", "pairs", "prompt_answer"),
 }
 
 
@@ -423,6 +479,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive size or -1, got {_get(cfg, key)}")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every must be >= 0, got {t.eval_every}")
+    _check_family_data(cfg)
+
+
+def _check_family_data(cfg: Config) -> None:
+    from jaxlm.families import schema
+
+    formats = schema.DATA_FORMATS[cfg.model.family]
+    if cfg.data.format and cfg.data.format not in formats:
+        raise ConfigError(f"data.format={cfg.data.format} does not fit the {cfg.model.family} "
+                          f"family, which trains on {' or '.join(formats)}")
 
 
 # Keys a resumed run may change; anything else would make the checkpoint another model or run.

@@ -3,6 +3,7 @@ training loop and by `jaxlm eval`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -15,22 +16,20 @@ from jax.sharding import Mesh
 from jaxlm import sharding
 from jaxlm.config import MeshConfig
 from jaxlm.data import setup as data_setup
-from jaxlm.objectives import loss_for
 from jaxlm.progress import bar
+from jaxlm.setup import build
 from jaxlm.train import rundir
-from jaxlm.train.state import param_shardings
-from jaxlm.train.step import jit_eval_step, make_eval_step
 
 
 def heldout_metrics(eval_step: Callable, params: Any, data: data_setup.TrainData, mesh: Mesh,
-                    num_batches: int, family: str, progress: bool = False) -> dict[str, float]:
+                    num_batches: int, progress: bool = False) -> dict[str, float]:
     """Sums the eval step's counts over the first `num_batches` validation batches
     (`progress`: a bar on stderr when it is a terminal)."""
     sums: dict[str, float] = {}
     quiet = not progress or jax.process_index() != 0
     for i in bar(range(num_batches), desc="eval", unit="batch", quiet=quiet, leave=False):
-        batch = data_setup.batch_at(data, data.valid, i, family)
-        out = eval_step(params, sharding.host_batch_to_global(batch, mesh))
+        batch = sharding.host_batch_to_global(data.valid.batch(i), mesh)
+        out = eval_step(params, batch, i)
         for k, v in jax.device_get(out).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     n = max(sums.get("num_tokens", 0.0), 1.0)
@@ -54,14 +53,11 @@ def evaluate_run(run_dir: str | Path, max_batches: int = 0,
     data = data_setup.build(cfg, run_dir, progress=False)
     n = data.valid.batches_per_epoch
     n = min(n, max_batches) if max_batches else n
-    mesh = sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
-    loss_fn = loss_for(cfg.model.family, mask_id=data.tokenizer.mask_id,
-                       vocab_size=data.tokenizer.vocab_size, mlm_rate=cfg.train.mlm_rate)
-    with jax.set_mesh(mesh):
-        _, shardings = param_shardings(lm.model, mesh)
-        params = jax.device_put(lm.params, shardings)
-        step = jit_eval_step(make_eval_step(lm.model, loss_fn), shardings, mesh)
-        results = heldout_metrics(step, params, data, mesh, n, cfg.model.family, progress)
+    setup = build(dataclasses.replace(cfg, mesh=MeshConfig(data=-1, fsdp=1, tensor=1)),
+                  mask_id=data.tokenizer.mask_id)
+    with jax.set_mesh(setup.mesh):
+        params = jax.device_put(lm.params, setup.state_shardings.params)
+        results = heldout_metrics(setup.eval_step, params, data, setup.mesh, n, progress)
     ckpts = run_dir / rundir.CHECKPOINT_DIR
     steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
     results = {"step": max(steps, default=0), **results, "eval_batches": n}

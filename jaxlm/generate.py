@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models.transformer import build_model, init_cache
+from jaxlm.models.transformer import init_cache
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -77,7 +77,7 @@ def unrolled_for_decoding(model: nn.Module, params: Any) -> tuple[nn.Module, Any
                         for i in range(n)})
         return out
 
-    return build_model(dataclasses.replace(model.cfg, scan_layers=False)), split(params)
+    return type(model)(dataclasses.replace(model.cfg, scan_layers=False)), split(params)
 
 
 def _sampling_loop(step, logits_BV: jax.Array, cache: Any, rng: jax.Array, eos_id: jax.Array,
@@ -246,7 +246,7 @@ def _seq2seq_sample(model: nn.Module, params: Any, src_BS: jax.Array, valid_BS: 
     """[B, max_new] target ids (EOS-filled after EOS), decoded against a KV cache."""
     B = src_BS.shape[0]
     enc = _encode(model, params, src_BS, valid_BS)
-    cache = init_cache(model.cfg, B, max_new + 1)
+    cache = init_cache(model.cfg, B, max_new + 1, cross=True)
     start = jnp.full((B,), start_id, jnp.int32)
     logits, cache = _decode_step(model, params, start, enc, valid_BS, cache)
     # Cross-attention keys and values are in the cache now: no encoder output needed.
@@ -302,7 +302,7 @@ def _beam_search(model: nn.Module, params: Any, src_BS: jax.Array, valid_BS: jax
     neg = jnp.float32(-jnp.inf)
     enc = jnp.repeat(_encode(model, params, src_BS, valid_BS), K, axis=0)
     valid_K = jnp.repeat(valid_BS, K, axis=0)
-    cache = init_cache(model.cfg, B * K, T)
+    cache = init_cache(model.cfg, B * K, T, cross=True)
     logits, cache = _decode_step(model, params, jnp.full((B * K,), start_id, jnp.int32), enc,
                                  valid_K, cache)
     seqs = jnp.full((B, K, T), start_id, jnp.int32)

@@ -3,12 +3,13 @@ dynamic masking) and seq2seq teacher forcing."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxlm.data.batch import LMBatch, MLMBatch, Seq2SeqBatch
 
 
 def cross_entropy(
@@ -40,16 +41,16 @@ def cross_entropy(
     return loss, {"nll_sum": jnp.sum(nll_BT * mask), "num_tokens": num_tokens}
 
 
-def causal_lm_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], *,
+def causal_lm_loss(apply_fn: Callable, params: Any, batch: LMBatch, *,
                    rng: jax.Array | None = None, deterministic: bool = True,
                    label_smoothing: float = 0.0, z_loss: float = 0.0):
-    """Next-token loss on a batch {inputs, targets, loss_mask[, positions, segment_ids]}."""
+    """Next-token loss on an LMBatch."""
     logits = apply_fn(
-        {"params": params}, batch["inputs"],
-        positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"),
+        {"params": params}, batch.inputs,
+        positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
         deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
     )
-    return cross_entropy(logits, batch["targets"], batch.get("loss_mask"),
+    return cross_entropy(logits, batch.targets, batch.loss_mask,
                          label_smoothing=label_smoothing, z_loss=z_loss)
 
 
@@ -65,14 +66,15 @@ def mask_tokens(tokens_BT: jax.Array, maskable_BT: jax.Array, rng: jax.Array, *,
     return jnp.where(picked, corrupted, tokens_BT), picked
 
 
-def masked_lm_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], *,
+def masked_lm_loss(apply_fn: Callable, params: Any, batch: MLMBatch, *,
                    rng: jax.Array | None = None, deterministic: bool = True, mask_id: int,
                    vocab_size: int, rate: float = 0.15, label_smoothing: float = 0.0,
                    z_loss: float = 0.0):
-    """Masked-LM loss on {inputs, loss_mask}: the masking is drawn from `rng` inside the step,
-    so every step re-masks (RoBERTa's dynamic masking); evaluation uses a fixed key."""
-    tokens = batch["inputs"]
-    maskable = batch["loss_mask"] > 0
+    """Masked-LM loss on an MLMBatch: the masking is drawn from `rng` inside the step, so
+    every training step re-masks (RoBERTa's dynamic masking); evaluation passes a key per
+    batch index, so its masks are fixed across evaluations but differ between batches."""
+    tokens = batch.inputs
+    maskable = batch.loss_mask > 0
     mask_rng = jax.random.PRNGKey(0) if rng is None else jax.random.fold_in(rng, 1)
     inputs, picked = mask_tokens(tokens, maskable, mask_rng, mask_id=mask_id,
                                  vocab_size=vocab_size, rate=rate)
@@ -85,30 +87,16 @@ def masked_lm_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array],
     return loss, {**aux, "num_correct": jnp.sum(correct.astype(jnp.float32))}
 
 
-def seq2seq_loss(apply_fn: Callable, params: Any, batch: dict[str, jax.Array], *,
+def seq2seq_loss(apply_fn: Callable, params: Any, batch: Seq2SeqBatch, *,
                  rng: jax.Array | None = None, deterministic: bool = True,
                  label_smoothing: float = 0.0, z_loss: float = 0.0):
-    """Teacher forcing on {src, src_mask, tgt_in, tgt_out, loss_mask}: the decoder reads the
-    target shifted right (tgt_in) and predicts tgt_out."""
-    logits = apply_fn({"params": params}, batch["src"], batch["tgt_in"],
-                      src_padding_mask_BS=batch["src_mask"] > 0,
-                      tgt_padding_mask_BT=batch["loss_mask"] > 0,
+    """Teacher forcing: the decoder reads the target shifted right (tgt_in) and predicts
+    tgt_out."""
+    logits = apply_fn({"params": params}, batch.src, batch.tgt_in,
+                      src_padding_mask_BS=batch.src_mask > 0,
+                      tgt_padding_mask_BT=batch.loss_mask > 0,
                       deterministic=deterministic,
                       rngs=None if rng is None else {"dropout": rng})
-    return cross_entropy(logits, batch["tgt_out"], batch["loss_mask"],
+    return cross_entropy(logits, batch.tgt_out, batch.loss_mask,
                          label_smoothing=label_smoothing, z_loss=z_loss)
 
-
-def loss_for(family: str, *, mask_id: int | None = None, vocab_size: int = 0,
-             label_smoothing: float = 0.0, z_loss: float = 0.0,
-             mlm_rate: float = 0.15) -> Callable:
-    """The objective that fits a model family: causal LM, masked LM or seq2seq."""
-    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
-    if family == "decoder":
-        return functools.partial(causal_lm_loss, **kw)
-    if family == "encoder":
-        if mask_id is None:
-            raise ValueError("masked-LM training needs a tokenizer with a mask token")
-        return functools.partial(masked_lm_loss, mask_id=mask_id, vocab_size=vocab_size,
-                                 rate=mlm_rate, **kw)
-    return functools.partial(seq2seq_loss, **kw)

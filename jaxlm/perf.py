@@ -3,7 +3,9 @@
 Model FLOPs follow PaLM (appendix B): per trained token, 6·N for the matmuls of the forward
 and backward passes plus 12·L·H·Q·T for attention scores and values (L attention layers,
 H heads of width Q, context T), halved when the attention is causal: MFU counts the work
-the model needs, not the masked-out half a dense kernel computes anyway.
+the model needs, not the masked-out half a dense kernel computes anyway. Each family spec
+(jaxlm.families) applies these pieces to what its stacks see: encoder and decoder lengths
+separately, banded layers by their window.
 
 N counts the matmul weights: every projection kernel, and the token embedding table only when
 it is tied to the output projection (then it *is* the [D, V] logits matmul). Lookup-only
@@ -27,8 +29,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxlm.config import Config
 
 # device_kind substring -> {dtype: peak FLOP/s per chip}, HBM bandwidth (bytes/s).
 # float32 on TPU runs the MXU at default precision (bf16 passes), on A100/H100/H200 JAX's
@@ -58,38 +58,32 @@ def _size(x: Any) -> int:
     return int(np.prod(x.shape)) if x.shape else 1
 
 
-def matmul_params(params: Any, cfg: Config) -> int:
-    """N of 6N: the matmul weights (every `kernel`, and the token table when it is tied to the
-    output projection). See the module doc for what is left out and why."""
-    total = 0
+def matmul_weights(params: Any, tie_embeddings: bool) -> list[tuple[tuple[str, ...], int]]:
+    """(key path, size) of every matmul weight: each `kernel`, and the token table when it is
+    tied to the output projection. See the module doc for what is left out and why."""
+    out = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "kernel" or (name == "embedding" and cfg.model.tie_embeddings):
-            total += _size(leaf)
-    return total
+        keys = tuple(str(getattr(p, "key", p)) for p in path)
+        if keys[-1] == "kernel" or (keys[-1] == "embedding" and tie_embeddings):
+            out.append((keys, _size(leaf)))
+    return out
 
 
-def _attn_layers(cfg: Config) -> tuple[int, int]:
-    """(self-attention layers that are causal, layers that are not) incl. cross-attention."""
-    m = cfg.model
-    if m.family == "decoder":
-        return m.num_layers, 0
-    if m.family == "encoder":
-        return 0, m.num_layers
-    dec = m.num_decoder_layers or m.num_layers
-    return dec, m.num_layers + dec  # decoder self (causal); encoder self + cross (dense)
+def causal_keys(length: int, window: int, halved: bool = True) -> float:
+    """Keys one query attends to on average in a causal layer of `length` positions whose
+    band is `window` wide (window >= length: plain causal), the diagonal counted half, so a
+    plain causal layer counts length / 2. Not `halved`: all `length` keys, as a dense kernel
+    computes them."""
+    if not halved:
+        return float(length)
+    w = min(window, length)
+    return (w * (w + 1) / 2 + (length - w) * w) / length - 0.5
 
 
-def flops_per_token(cfg: Config, params: Any, *, causal_halved: bool = True) -> float:
-    """Training FLOPs per token: 6N + 12·L·H·Q·T (causal layers halved unless told not).
-
-    `causal_halved=False` gives what a dense attention kernel executes (the masked half
-    computed and thrown away): the figure to hold against XLA's cost analysis."""
-    m = cfg.model
-    hq = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-    causal, dense = _attn_layers(cfg)
-    attn = 12.0 * hq * cfg.train.seq_len * (causal * (0.5 if causal_halved else 1.0) + dense)
-    return 6.0 * matmul_params(params, cfg) + attn
+def attention_flops(width: int, queries: int, keys_per_query: float) -> float:
+    """Forward + backward FLOPs of scores and values: 12 · (heads × head width) per
+    query-key pair."""
+    return 12.0 * width * queries * keys_per_query
 
 
 # ------------------------------------------------------------------------- peaks

@@ -52,6 +52,28 @@ def run_names(run_dirs: list[Path]) -> list[str]:
     return [str(d) for d in run_dirs]
 
 
+def check_figure_path(out: str | Path, parents_must_exist: bool = False) -> Path:
+    """`out` as a path matplotlib can write a figure to, checked before any work is done:
+    not a directory, no file among its parent folders (which must exist if
+    `parents_must_exist`), and a format matplotlib knows (from the suffix)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out = Path(out)
+    if out.is_dir():
+        raise PlotError(f"--out '{out}' is a directory; give a file name such as plot.png")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise PlotError(f"cannot write '{out}': '{parent}' is a file, not a folder")
+    if parents_must_exist and not out.parent.is_dir():
+        raise PlotError(f"cannot write '{out}': the folder '{out.parent}' does not exist")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        what = f"unknown figure format '{out.suffix}'" if out.suffix else "no file suffix"
+        raise PlotError(f"cannot write '{out}': {what}; use one of "
+                        + ", ".join(f".{f}" for f in sorted(formats)))
+    return out
+
+
 def load_curves(run_dirs: list[str | Path]) -> list[Curves]:
     dirs = [Path(d) for d in run_dirs]
     out = []
@@ -81,6 +103,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path = "plot.png") -> Path:
 
     from jaxlm.train.report import human
 
+    out = check_figure_path(out)
     curves = load_curves(run_dirs)
     fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
     (ax_step, ax_tok, ax_lr), (ax_gn, ax_tps, ax_tab) = axes
@@ -127,7 +150,6 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path = "plot.png") -> Path:
     for i in range(len(table)):  # the run's name in its line colour
         tab[i + 1, 0].get_text().set_color(colours[i % len(colours)])
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

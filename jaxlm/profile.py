@@ -112,18 +112,16 @@ def metrics_health(rows: list[dict[str, Any]], clip_norm: float) -> dict[str, An
             "steps": [int(r["step"]) for r in rows if "grad_norm" in r]}
 
 
-def run_layer_norms(run_dir: str | Path, cfg: Config, batch: dict[str, np.ndarray]
-                    ) -> dict[str, float]:
+def run_layer_norms(run_dir: str | Path, cfg: Config, batch: Any) -> dict[str, float]:
     """Per-layer gradient norms of one batch on the run's newest checkpoint."""
     import jaxlm
-    from jaxlm.objectives import loss_for
+    from jaxlm.families import registry
 
     lm = jaxlm.load(run_dir)
-    mask_id = getattr(lm.tokenizer, "mask_id", None)
-    loss_fn = loss_for(cfg.model.family, vocab_size=cfg.model.vocab_size,
-                       mask_id=cfg.model.vocab_size - 1 if mask_id is None else mask_id)
+    loss_fn = registry.of(cfg.model).loss_fn(cfg, mask_id=getattr(lm.tokenizer, "mask_id",
+                                                                   None))
     model = lm.model
-    dev = {k: jnp.asarray(v) for k, v in batch.items()}
+    dev = jax.tree.map(jnp.asarray, batch)
     grads = jax.grad(lambda p: loss_fn(model.apply, p, dev)[0])(lm.params)
     return layer_grad_norms(lm.params, grads)
 
@@ -208,13 +206,13 @@ def _verdict(input_wait: float, host_frac: float, intensity: float, ridge: float
 
 
 def profile(cfg: Config, *, steps: int = 10, warmup: int = 2,
-            next_batch: Callable[[], dict[str, np.ndarray]] | None = None,
+            next_batch: Callable[[], Any] | None = None,
             run_dir: str | Path | None = None) -> Profile:
     """The bottleneck report of `cfg`. `next_batch` yields host batches (default: random
     tokens); with `run_dir`, gradient health comes from its metrics and newest checkpoint."""
-    setup = bench.build(cfg)
+    setup = bench.compile_step(cfg)
     rng = np.random.default_rng(0)
-    next_batch = next_batch or (lambda: bench.synthetic_batch(cfg, rng))
+    next_batch = next_batch or (lambda: setup.setup.synthetic_batch(rng))
     t = bench.time_steps(setup, steps, warmup, next_batch)
     med = {k: statistics.median(v) for k, v in t.items()}
     n_dev = setup.mesh.size
@@ -232,7 +230,7 @@ def profile(cfg: Config, *, steps: int = 10, warmup: int = 2,
     wait = max(0.0, feed - med["step"]) / max(feed, med["step"])
     host_frac = med["dispatch"] / max(med["step"], 1e-12)
     verdict, advice = _verdict(wait, host_frac, intensity, ridge, device.platform)
-    mem = perf.peak_memory(setup.compiled)
+    mem = perf.peak_memory(setup.step)
     memory = {"params": _tree_bytes_per_device(setup.state.params),
               "opt_state": _tree_bytes_per_device(setup.state.opt_state),
               "activations": mem["temp_bytes"], "peak": mem["peak_bytes"]}
@@ -250,7 +248,7 @@ def profile(cfg: Config, *, steps: int = 10, warmup: int = 2,
         memory=memory, gradients=gradients)
 
 
-def gradient_health(run_dir: str | Path, cfg: Config, batch: dict[str, np.ndarray]
+def gradient_health(run_dir: str | Path, cfg: Config, batch: Any
                     ) -> dict[str, Any]:
     from jaxlm.train import rundir
 
@@ -288,8 +286,8 @@ def from_run(run_dir: str | Path, steps: int = 10, overrides: list[str] | None =
     data = data_setup.build(cfg, Path(run_dir), progress=False)
     position = iter(range(10**9))
 
-    def next_batch() -> dict[str, np.ndarray]:
-        return data_setup.batch_at(data, data.train, next(position), cfg.model.family)
+    def next_batch() -> Any:
+        return data.train.batch(next(position))
 
     return profile(cfg, steps=steps, next_batch=next_batch, run_dir=run_dir)
 

@@ -19,6 +19,9 @@ Status rules:
             exists; on another host: a run file changed within STALE_SECONDS), or, without
             summary.json, fewer steps and a file written within STALE_SECONDS
   failed    summary.json says running but the process is gone (a crash, kill -9, OOM)
+  unreadable: <why>
+            config.yaml is damaged (not YAML, an unknown key, a wrong type) or is not a
+            jaxlm config; the other columns show what metrics.jsonl and checkpoints/ tell
 """
 
 from __future__ import annotations
@@ -45,17 +48,7 @@ class RunsError(ValueError):
 
 def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl rows, skipping a line that is cut short (a run still writing)."""
-    path = Path(run_dir) / rundir.METRICS_FILE
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+    return rundir.read_metrics(run_dir)
 
 
 def as_float(v: Any) -> float:
@@ -95,13 +88,12 @@ def count_params(cfg: Config) -> int:
     import flax.linen as nn
     import jax
 
-    from jaxlm.models.transformer import build_model
-    from jaxlm.train.state import dummy_inputs
+    from jaxlm.families import registry
 
-    model = build_model(cfg.model)
-    init = functools.partial(model.init, {"params": jax.random.PRNGKey(0),
-                                          "dropout": jax.random.PRNGKey(0)})
-    shapes = jax.eval_shape(init, *dummy_inputs(model))
+    family = registry.of(cfg.model)
+    init = functools.partial(family.build_model(cfg.model).init,
+                             {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)})
+    shapes = jax.eval_shape(init, *family.init_inputs())
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes)["params"]))
 
 
@@ -141,48 +133,57 @@ class RunInfo:
     name: str
     path: str
     preset: str
-    params: int
+    params: int | None
     steps: int
-    total_steps: int
+    total_steps: int | None
     best_eval_loss: float
     tokens_per_sec: float
     last_checkpoint: int | None
     status: str
 
 
+def _logged_steps(rows: list[dict[str, Any]]) -> list[int]:
+    steps = [as_float(r["step"]) for r in rows if "step" in r]
+    return [int(s) for s in steps if math.isfinite(s)]
+
+
 def run_info(run_dir: Path, root: Path) -> RunInfo:
-    """One row of the table for `run_dir` (named by its path relative to `root`)."""
-    cfg = rundir.load_config(run_dir)
+    """One row of the table for `run_dir` (named by its path relative to `root`). A run whose
+    config.yaml cannot be read gets the status "unreadable: <why>" and what the other files
+    tell."""
     rows = read_rows(run_dir)
     summary = rundir.read_summary(run_dir)
     ckpts = checkpoint_steps(run_dir)
-    steps = max([int(r["step"]) for r in rows if "step" in r] + ckpts + [0])
+    steps = max(_logged_steps(rows) + ckpts + [0])
     evals = [as_float(r["eval_loss"]) for r in rows if "eval_loss" in r]
     evals = [e for e in evals if math.isfinite(e)]
     # The first logged interval includes compilation, so it is left out when there are more.
     tps = [as_float(r["tokens_per_sec"]) for r in rows if "tokens_per_sec" in r]
     tps = [t for t in (tps[1:] if len(tps) > 1 else tps) if math.isfinite(t)]
     params = summary.get("params")
-    if not isinstance(params, int):
-        params = count_params(cfg)
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-    return RunInfo(name=name, path=str(run_dir), preset=cfg.model.preset, params=params,
-                   steps=steps, total_steps=cfg.train.steps,
-                   best_eval_loss=min(evals) if evals else float("nan"),
+    info = RunInfo(name=name, path=str(run_dir), preset="-",
+                   params=params if isinstance(params, int) else None, steps=steps,
+                   total_steps=None, best_eval_loss=min(evals) if evals else float("nan"),
                    tokens_per_sec=statistics.median(tps) if tps else float("nan"),
-                   last_checkpoint=ckpts[-1] if ckpts else None,
-                   status=status_of(run_dir, summary, steps, cfg.train.steps))
+                   last_checkpoint=ckpts[-1] if ckpts else None, status="")
+    try:
+        cfg = rundir.load_config(run_dir)
+    except ConfigError as e:
+        info.status = f"unreadable: {getattr(e, 'reason', e)}"
+        return info
+    if info.params is None:
+        info.params = count_params(cfg)
+    info.preset, info.total_steps = cfg.model.preset, cfg.train.steps
+    info.status = status_of(run_dir, summary, steps, cfg.train.steps)
+    return info
 
 
 def list_runs(root: str | Path) -> list[RunInfo]:
+    """Every run directory at or below `root`; one whose config.yaml is damaged (or is not a
+    jaxlm config) is listed with the status "unreadable: <why>"."""
     root = Path(root)
-    infos = []
-    for run_dir in find_runs(root):
-        try:
-            infos.append(run_info(run_dir, root))
-        except ConfigError:  # a config.yaml that is not a jaxlm run: not ours to list
-            continue
-    return infos
+    return [run_info(run_dir, root) for run_dir in find_runs(root)]
 
 
 def _fmt(v: float, spec: str) -> str:
@@ -193,7 +194,8 @@ def format_table(infos: list[RunInfo]) -> str:
     from jaxlm.train.report import human
 
     head = ("run", "preset", "params", "steps", "best eval", "tokens/s", "checkpoint", "status")
-    body = [(i.name, i.preset, human(i.params), f"{i.steps}/{i.total_steps}",
+    body = [(i.name, i.preset, "-" if i.params is None else human(i.params),
+             f"{i.steps}/{'?' if i.total_steps is None else i.total_steps}",
              _fmt(i.best_eval_loss, ".4f"), _fmt(i.tokens_per_sec, ",.0f"),
              "-" if i.last_checkpoint is None else str(i.last_checkpoint), i.status)
             for i in infos]

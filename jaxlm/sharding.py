@@ -1,7 +1,9 @@
 """Device mesh from config, the logical-axis rules, and shardings for state and batches.
 
-Model code names logical axes only; this table is the one place that maps them to the
-mesh axes `data`, `fsdp` and `tensor`.
+Model code names logical axes only; LOGICAL_RULES is the one table that maps them to the
+mesh axes `data`, `fsdp` and `tensor`. A config extends or overrides it with `mesh.rules`
+(`["embed=tensor", "mlp=fsdp+tensor", "vocab="]`), and kernels that shard by hand ask the
+active table (`mesh_axes_for`) instead of naming mesh axes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,31 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def logical_rules(cfg: MeshConfig | None = None) -> tuple[tuple[str, Any], ...]:
+    """The default table with `cfg.rules` applied: `logical=axis[+axis...]` (empty = not
+    sharded) replaces the logical axis's entry, or adds one."""
+    rules = dict(LOGICAL_RULES)
+    for entry in (cfg.rules if cfg is not None else []):
+        logical, sep, axes = entry.partition("=")
+        names = tuple(a for a in axes.split("+") if a)
+        unknown = [a for a in names if a not in MESH_AXES]
+        if not sep or not logical or unknown:
+            raise ConfigError(f"mesh.rules entry '{entry}': expected logical=mesh_axis[+...] "
+                              f"with mesh axes from {', '.join(MESH_AXES)}")
+        rules[logical.strip()] = None if not names else names[0] if len(names) == 1 else names
+    return tuple(rules.items())
+
+
+def mesh_axes_for(logical: str) -> tuple[str, ...]:
+    """The mesh axes the active rules (`nn.logical_axis_rules`, else the default table) map a
+    logical axis to."""
+    active = nn.get_logical_axis_rules() or LOGICAL_RULES
+    axes = dict(active).get(logical)
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     """Resolves -1 entries so that data × fsdp × tensor == num_devices."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
@@ -64,17 +91,19 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    devices = devices if devices is not None else jax.devices()
+    """The data × fsdp × tensor mesh over all devices (JAX picks a topology-aware order), or
+    over `devices` in the order given (a subset, or a TPU topology described for AOT)."""
+    if devices is None:
+        shape = mesh_shape(cfg, jax.device_count())
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     shape = mesh_shape(cfg, len(devices))
-    if devices is jax.devices() or len(devices) == jax.device_count():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
                 axis_types=(AxisType.Auto,) * 3)
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: Any = LOGICAL_RULES) -> Any:
     """A pytree of logical PartitionSpecs -> NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -89,10 +118,12 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Each process passes its own rows; returns global arrays sharded over (data, fsdp)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items()}
+def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
+    """Each process passes its own rows (a batch pytree of numpy arrays); returns the same
+    tree of global arrays sharded over (data, fsdp)."""
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v),
+        batch)
 
 
 def check_model_fits_mesh(model_cfg, mesh: Mesh) -> None:

@@ -55,7 +55,7 @@ def predict(lm: Any, sources: list[str], *, beams: int = 1, length_penalty: floa
     """Greedy (or beam) outputs for each source. A decoder-only model continues
     answer_prompt(source), as it trained on pairs, and its answer ends at the first newline."""
     cfg = lm.config
-    seq2seq = cfg.model.family == "encoder_decoder"
+    seq2seq = not lm.family.continues_prompt  # outputs stand alone (a translation)
     max_new = max_new_tokens or min(cfg.train.seq_len, cfg.model.max_seq_len - 1)
     out: list[str] = []
     for i in range(0, len(sources), batch_size):

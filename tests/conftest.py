@@ -4,6 +4,9 @@ for the session (subprocesses inherit it), so identical train steps compile once
 import os
 import tempfile
 
+# CPU only, also where the [tpu] extra installed libtpu (`jaxlm compile` describes TPU
+# topologies through it without initialising a TPU backend).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

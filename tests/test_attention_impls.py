@@ -12,11 +12,12 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
 from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.data.batch import LMBatch
+from jaxlm.families.registry import build_model
 from jaxlm.models import attention as attn
 from jaxlm.models.kernels.chunked import chunked_attention
 from jaxlm.models.kernels.flash import flash_attention
 from jaxlm.models.kernels.splash import splash_attention
-from jaxlm.models.transformer import build_model
 from jaxlm.objectives import causal_lm_loss
 
 RTOL = 1e-5
@@ -259,8 +260,8 @@ def _tiny(**kw):
 
 def _loss_and_grads(cfg, params, tokens, segs):
     model = build_model(cfg)
-    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1),
-             "loss_mask": jnp.ones(tokens.shape), "segment_ids": segs}
+    batch = LMBatch(inputs=tokens, targets=jnp.roll(tokens, -1, 1),
+                    loss_mask=jnp.ones(tokens.shape), segment_ids=segs)
     fn = lambda p: causal_lm_loss(model.apply, p, batch)[0]
     return jax.jit(jax.value_and_grad(fn))(params)
 

@@ -82,7 +82,7 @@ def test_every_shipped_config_loads_and_builds_its_model():
     import jax
     import jax.numpy as jnp
 
-    from jaxlm.models.transformer import build_model
+    from jaxlm.families.registry import build_model
     from jaxlm.train.state import count_params
 
     assert set(config_lib.config_names()) == set(SHIPPED_PARAMS)

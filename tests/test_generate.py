@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxlm import config as config_lib
+from jaxlm.families.registry import build_model
 from jaxlm.generate import (
     filter_logits,
     generate_ids,
@@ -17,7 +18,6 @@ from jaxlm.generate import (
     sample,
     unrolled_for_decoding,
 )
-from jaxlm.models.transformer import build_model
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
         "model.vocab_size=64", "model.max_seq_len=32", "train.seq_len=32"]
@@ -65,10 +65,27 @@ def test_cached_sampling_equals_full_and_stops_at_eos():
 
 
 def test_sliding_window_past_max_len():
+    """Past max_len positions the context slides: once the window is full, only its last
+    max_len // 2 tokens are kept (positions restart from 0) and decoding goes on. The tokens
+    are those of rerunning the model on the current window at every step."""
     model, params = make()
-    out = generate_ids(model, params, [[1, 2, 3]], max_new_tokens=50, max_len=32,
+    max_len, prompt = 32, [1, 2, 3]
+    out = generate_ids(model, params, [prompt], max_new_tokens=50, max_len=max_len,
                        temperature=0)
-    assert len(out[0]) == 50
+    # The reference: one fixed [1, max_len] buffer, the window at its start (causal, so the
+    # tail after it is never read), the next token from the window's last position.
+    apply = jax.jit(lambda buf: model.apply({"params": params}, buf)[0])
+    seq, start, ref = list(prompt), 0, []
+    while len(ref) < 50:
+        if len(seq) - start == max_len:
+            start = len(seq) - max_len // 2
+        window = seq[start:]
+        buf = np.zeros((1, max_len), np.int32)
+        buf[0, :len(window)] = window
+        ref.append(int(jnp.argmax(apply(jnp.asarray(buf))[len(window) - 1])))
+        seq.append(ref[-1])
+    assert out[0] == ref
+    assert start == 3 + 29 + 16 - max_len // 2  # it slid twice: after 29 and 16 new tokens
 
 
 def test_top_k_one_is_greedy():

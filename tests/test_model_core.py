@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.models.transformer import build_model
+from jaxlm.families.registry import build_model
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
         "model.vocab_size=64", "model.max_seq_len=16", "train.seq_len=16"]

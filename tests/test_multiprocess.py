@@ -34,9 +34,9 @@ def test_each_process_reads_its_share_of_the_global_batch():
              for i in range(2)]
     for position in (0, 7, 40):
         local = [p.batch(position) for p in parts]
-        assert all(b["inputs"].shape == (4, 16) for b in local)
-        np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in local]),
-                                      whole.batch(position)["inputs"])
+        assert all(b.inputs.shape == (4, 16) for b in local)
+        np.testing.assert_array_equal(np.concatenate([b.inputs for b in local]),
+                                      whole.batch(position).inputs)
 
 
 def _train_losses(run: Path) -> tuple[list[int], list[float], float]:
@@ -46,26 +46,34 @@ def _train_losses(run: Path) -> tuple[list[int], list[float], float]:
     return [r["step"] for r in train], [r["loss"] for r in train], evals[-1]
 
 
+def _local_sh(nproc: int, logs: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "launch" / "local.sh"), str(nproc), *args], cwd=ROOT,
+        env=_env(PYTHON=sys.executable, JAXLM_LOG_DIR=str(logs), JAXLM_LOCAL_DEVICES="4"),
+        capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_restore_in_one(tmp_path):
+    """2 processes train like 1; a 2-process checkpoint restores in 1 process, and a
+    1-process checkpoint resumes in 2 processes exactly where it stopped (parameters,
+    optimizer state and data position)."""
     lines = [f"line {i}: " + " ".join(["to", "be", "or", "not"][(i + j) % 4] for j in range(9))
              for i in range(600)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines))
-    common = [f"data.files={tmp_path / 'corpus.txt'}", "train.steps=20", "train.log_every=1",
+    # A constant learning rate after warmup, so a run of 20 steps and one of 22 take the same
+    # steps up to 20 (the schedule's length does not matter).
+    common = [f"data.files={tmp_path / 'corpus.txt'}", "train.log_every=1",
               "train.eval_every=0", "train.eval_batches=2", "checkpoint.every=20",
-              "run.quiet=false", *SHAPE]
+              "optim.warmup_steps=5", "optim.min_lr_ratio=1.0", "run.quiet=false", *SHAPE]
     one, two = tmp_path / "one", tmp_path / "two"
     # The 8-device reference runs alongside the 2-process run (both are mostly waiting).
     ref = subprocess.Popen(
-        [sys.executable, "-m", "jaxlm.cli", "train", f"run.dir={one}", *common], cwd=ROOT,
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        [sys.executable, "-m", "jaxlm.cli", "train", f"run.dir={one}", "train.steps=20",
+         *common], cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs = tmp_path / "logs"
-    mp = subprocess.run(
-        ["bash", str(ROOT / "launch" / "local.sh"), "2", "train", f"run.dir={two}", *common],
-        cwd=ROOT, env=_env(PYTHON=sys.executable, JAXLM_LOG_DIR=str(logs),
-                           JAXLM_LOCAL_DEVICES="4"),
-        capture_output=True, text=True, timeout=600)
+    mp = _local_sh(2, logs, "train", f"run.dir={two}", "train.steps=22", *common)
     ref_out = ref.communicate(timeout=600)[0]
     assert ref.returncode == 0, ref_out
     assert mp.returncode == 0, mp.stdout + mp.stderr
@@ -78,17 +86,29 @@ def test_two_processes_train_like_one_and_restore_in_one(tmp_path):
     # Only process 0 wrote metrics: one row per step, no duplicates.
     steps1, losses1, eval1 = _train_losses(one)
     steps2, losses2, eval2 = _train_losses(two)
-    assert steps1 == steps2 == list(range(1, 21))
-    np.testing.assert_allclose(losses2, losses1, rtol=1e-5)
-    np.testing.assert_allclose(eval2, eval1, rtol=1e-5)
+    assert steps1 == list(range(1, 21)) and steps2 == list(range(1, 23))
+    np.testing.assert_allclose(losses2[:20], losses1, rtol=1e-5)
     assert losses2[-1] < losses2[0]
 
     # The 2-process checkpoint (shards written by both processes) loads in this single
     # process, onto one device, and holds the same parameters as the 1-process run (atol:
     # the key bias has a zero gradient, so Adam turns reduction-order noise into ~1e-6 steps).
-    lm_two, lm_one = jaxlm.load(two), jaxlm.load(one)
+    lm_two, lm_one = jaxlm.load(two, step=20), jaxlm.load(one)
     chex.assert_trees_all_close(lm_two.params, lm_one.params, rtol=1e-5, atol=1e-5)
     assert isinstance(lm_two.generate("to be", max_new_tokens=8), str)
+
+    # The 1-process run resumes in 2 processes: steps 21-22 and the final evaluation are
+    # those of the run that went through in 2 processes.
+    logs = tmp_path / "logs_resumed"
+    mp = _local_sh(2, logs, "train", f"run.dir={one}", "train.steps=22", *common)
+    assert mp.returncode == 0, mp.stdout + mp.stderr
+    assert f"resumed {one} from step 20" in (logs / "process_0.log").read_text()
+    steps1, losses1, eval1 = _train_losses(one)
+    assert steps1 == list(range(1, 23))
+    np.testing.assert_allclose(losses1, losses2, rtol=1e-5)
+    np.testing.assert_allclose(eval1, eval2, rtol=1e-5)
+    chex.assert_trees_all_close(jaxlm.load(one).params, jaxlm.load(two).params, rtol=1e-5,
+                                atol=1e-5)
 
 
 def _free_port() -> int:
@@ -127,4 +147,22 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     steps = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and steps[0] < 400
-    assert max(r["step"] for r in rundir.read_metrics(run) if "loss" in r) == steps[0]
+    stop = steps[0]
+    assert [r["step"] for r in rundir.read_metrics(run) if "loss" in r] == \
+        list(range(1, stop + 1))
+
+    # Both processes, started again, resume from the step they stopped at and go on.
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.cli", "train", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i), f"run.dir={run}", *common,
+         f"train.steps={stop + 2}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert f"resumed {run} from step {stop}" in outs[0][1]
+    assert [r["step"] for r in rundir.read_metrics(run) if "loss" in r] == \
+        list(range(1, stop + 3))
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [stop, stop + 2]

@@ -1,13 +1,21 @@
-"""Loss against a hand computation; the learning-rate schedule; weight-decay masking."""
+"""Loss against a hand computation; masked-LM masking (rate, 80/10/10 split, re-masking per
+step); the learning-rate schedule; weight-decay masking."""
 
+import functools
 import math
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxlm.config import OptimConfig
-from jaxlm.objectives import cross_entropy
+from jaxlm.data.batch import MLMBatch
+from jaxlm.objectives import cross_entropy, mask_tokens, masked_lm_loss
 from jaxlm.optim import decay_mask, lr_schedule
+from jaxlm.train.state import TrainState
+from jaxlm.train.step import make_train_step
 
 
 def test_cross_entropy_matches_hand_computation_with_mask():
@@ -63,3 +71,72 @@ def test_weight_decay_only_on_kernels():
     assert m["mlp"]["wi"]["kernel"] is True
     assert not any([m["embed"]["embedding"], m["ln"]["scale"], m["ln"]["bias"],
                     m["mlp"]["wi"]["bias"], m["pos_embed"]])
+
+
+# ------------------------------------------------------------------ masked-LM masking
+
+def _binomial_ok(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+def test_mask_tokens_rate_and_80_10_10_split():
+    """On 2^18 tokens: 15% of the maskable tokens are picked, never a padding one; of the
+    picked, 80% become the mask id, 10% a uniformly drawn token, 10% stay; the others are
+    untouched. Counts are held to 5 binomial standard deviations."""
+    V, mask_id = 1000, 999
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, V - 1, (512, 512)).astype(np.int32)  # never the mask id
+    lengths = rng.integers(1, 513, 512)
+    maskable = np.arange(512)[None, :] < lengths[:, None]  # right padding
+    out, picked = mask_tokens(jnp.asarray(tokens), jnp.asarray(maskable),
+                              jax.random.PRNGKey(1), mask_id=mask_id, vocab_size=V)
+    out, picked = np.asarray(out), np.asarray(picked)
+    n = int(maskable.sum())
+    assert not picked[~maskable].any()
+    assert _binomial_ok(int(picked.sum()), n, 0.15)
+    np.testing.assert_array_equal(out[~picked], tokens[~picked])
+    was, now = tokens[picked], out[picked]
+    k = len(was)
+    # A random replacement is the mask id or the original token 1 time in V each.
+    assert _binomial_ok(int((now == mask_id).sum()), k, 0.8 + 0.1 / V)
+    assert _binomial_ok(int((now == was).sum()), k, 0.1 + 0.1 / V)
+    replaced = now[(now != mask_id) & (now != was)]
+    assert _binomial_ok(len(replaced), k, 0.1 * (1 - 2 / V))
+    # The replacements are uniform over the vocabulary: each tenth of it gets a tenth.
+    hist = np.bincount(replaced // (V // 10), minlength=10)
+    assert len(hist) == 10 and all(_binomial_ok(int(c), len(replaced), 0.1) for c in hist)
+    # Another rate is honoured too.
+    _, picked30 = mask_tokens(jnp.asarray(tokens), jnp.asarray(maskable),
+                              jax.random.PRNGKey(1), mask_id=mask_id, vocab_size=V, rate=0.3)
+    assert _binomial_ok(int(np.asarray(picked30).sum()), n, 0.3)
+
+
+def test_masks_differ_between_keys_and_between_train_steps():
+    """Dynamic masking: other keys pick other positions (as independent draws: the overlap
+    of two 15% picks is ~15% of either), and the train step draws a new key every step, so
+    the same batch is masked differently at each step."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 63, (8, 64)), jnp.int32)
+    maskable = jnp.ones(tokens.shape, bool)
+    picks = [np.asarray(mask_tokens(tokens, maskable, jax.random.PRNGKey(s), mask_id=63,
+                                    vocab_size=64)[1]) for s in (0, 1)]
+    overlap = (picks[0] & picks[1]).sum() / picks[0].sum()
+    assert 0.05 < overlap < 0.3, overlap
+
+    # A train step around a bare lookup-table "model" (no build_model needed), with a
+    # learning rate of 0: the loss of the same batch changes only if its mask does.
+    V = 64
+    model = types.SimpleNamespace(
+        apply=lambda variables, x, **kw: jnp.take(variables["params"]["logits"], x, axis=0))
+    params = {"logits": jax.random.normal(jax.random.PRNGKey(2), (V, V))}
+    tx = optax.sgd(0.0)
+    loss_fn = functools.partial(masked_lm_loss, mask_id=V - 1, vocab_size=V)
+    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(0.0), loss_fn=loss_fn))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0))
+    batch = MLMBatch(inputs=tokens, loss_mask=jnp.ones(tokens.shape, jnp.float32))
+    seen = []
+    for _ in range(4):
+        state, metrics = step(state, batch)
+        seen.append((float(metrics["num_tokens"]), float(metrics["nll_sum"])))
+    assert len(set(seen)) == 4, seen  # 4 different masks of the same 512 tokens
+    assert all(_binomial_ok(int(n), 512, 0.15) for n, _ in seen), seen

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from jaxlm import config as config_lib
 from jaxlm.data.pipeline import pack_documents
+from jaxlm.families.registry import build_model
 from jaxlm.models.attention import MaskSpec
-from jaxlm.models.transformer import build_model
 
 docs_st = st.lists(st.lists(st.integers(0, 63), min_size=1, max_size=30), min_size=1,
                    max_size=12)
@@ -81,7 +81,7 @@ def test_packed_training_through_the_cli(tmp_path):
             "optim.warmup_steps=3", "run.quiet=true"]
     cfg = load(None, over)
     batch = data_setup.build(cfg, tmp_path / "unused").train.batch(0)
-    seg, pos = batch["segment_ids"], batch["positions"]
+    seg, pos = batch.segment_ids, batch.positions
     assert (seg[:, 1:] != seg[:, :-1]).any()  # several documents per row
     assert ((pos == 0) == np.concatenate([np.ones((8, 1), bool),
                                           seg[:, 1:] != seg[:, :-1]], 1)).all()

@@ -16,12 +16,11 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlm
 from jaxlm.cli import main
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, preset_fields
 from jaxlm.convert import ConversionError
 from jaxlm.convert.hf import load_hf, save_hf
 from jaxlm.data.tokenizers import load_tokenizer, train_bpe
-from jaxlm.models.presets import preset_fields
-from jaxlm.models.transformer import build_model
+from jaxlm.families.registry import build_model
 from jaxlm.train import rundir
 
 V, B, T = 96, 3, 12

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, preset_fields
 from jaxlm.convert.hf import load_hf, save_hf
 from jaxlm.models.encoder import EncoderMLM, roberta_positions
-from jaxlm.models.presets import preset_fields
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers is imported inside the tests, after this
 torch = pytest.importorskip("torch")

@@ -18,13 +18,12 @@ from safetensors.numpy import save_file as save_np
 from safetensors.torch import save_file
 
 import jaxlm
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, preset_fields
 from jaxlm.convert import ConversionError
 from jaxlm.convert.hf import load_hf, save_hf
 from jaxlm.convert.torch_transformer import load_torch_transformer
+from jaxlm.families.registry import build_model
 from jaxlm.models import attention as attn
-from jaxlm.models.presets import preset_fields
-from jaxlm.models.transformer import build_model
 
 V, B, S, T = 96, 3, 11, 8
 TOL = 1e-4

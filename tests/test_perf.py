@@ -1,6 +1,7 @@
 """FLOPs and MFU (formula vs traced matmuls vs XLA cost analysis), device peaks, `jaxlm bench`
 and the bottleneck report of `jaxlm profile`."""
 
+import itertools
 import json
 import sys
 import time
@@ -8,6 +9,7 @@ import types
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -69,9 +71,48 @@ def test_peak_table_by_device_kind(kind, dtype, flops):
     assert peak == flops and bw > 1e11 and "table" in source
 
 
+def _best_rate(fn, work: float, seconds: float = 1.5) -> float:
+    """work / the fastest of repeated calls of fn over about `seconds`."""
+    fn()
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end or best == float("inf"):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return work / best
+
+
 def test_cpu_peak_is_measured():
+    """The CPU peak is a real measurement: it agrees with the test's own timing of a matrix
+    product and a memory copy (within a factor for the load others put on the machine), and
+    each of the 8 simulated devices gets an eighth of what the process measured."""
+    perf.measured_matmul_peak.cache_clear()  # measured now, next to the reference below
     peak, bw, source = perf.device_peak("float32", jax.devices()[0])
-    assert "measured" in source and 1e8 < peak * jax.local_device_count() < 1e14 and bw > 1e8
+    n_dev = jax.local_device_count()
+    assert "measured" in source and n_dev == 8
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    ref_flops = _best_rate(lambda: jax.block_until_ready(mm(a, a)), 2.0 * n**3)
+    assert ref_flops / 4 < peak * n_dev < ref_flops * 4, (peak * n_dev, ref_flops)
+    src = np.ones(64 * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    ref_bw = _best_rate(lambda: np.copyto(dst, src), 2.0 * src.nbytes, seconds=0.5)
+    assert ref_bw / 4 < bw * n_dev < ref_bw * 4, (bw * n_dev, ref_bw)
+
+
+def test_cpu_peak_arithmetic_under_a_fake_clock(monkeypatch):
+    """Every timed call takes exactly 10 ms: an n×n product is 2n³ FLOPs, a copy moves its
+    bytes twice (read and write), and the process figure is split over the devices."""
+    ticks = itertools.count(0.0, 0.01)
+    monkeypatch.setattr(perf, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert perf.measured_matmul_peak.__wrapped__("float32", n=64, seconds=0.1) == \
+        pytest.approx(2 * 64**3 / 0.01)
+    assert perf.measured_memory_bandwidth.__wrapped__(mib=1) == pytest.approx(2 * 2**20 / 0.01)
+    monkeypatch.setattr(perf, "measured_matmul_peak", lambda dtype, **kw: 8e9)
+    monkeypatch.setattr(perf, "measured_memory_bandwidth", lambda: 16e9)
+    peak, bw, _ = perf.device_peak("float32", jax.devices()[0])
+    assert (peak, bw) == (1e9, 2e9)
 
 
 def test_collective_bytes_from_hlo_text():
@@ -157,7 +198,21 @@ def test_gradient_health_flags_an_exploding_run(exploding_run, tmp_path, capsys)
 
 
 def test_bench_cli_json(capsys):
+    t0 = time.perf_counter()
     assert main(["bench", "--steps", "2", "--warmup", "1", "--json", *TINY]) == 0
+    wall = time.perf_counter() - t0
     r = json.loads(capsys.readouterr().out)
-    assert r["tokens_per_step"] == 256 and r["tokens_per_sec"] > 0 and r["mfu"] > 0
-    assert r["compile_seconds"] > 0 and r["devices"] == 8
+    assert r["tokens_per_step"] == 8 * 32 and r["steps"] == 2 and r["devices"] == 8
+    # The compile and the two timed steps happened inside the command's wall time; tokens/s
+    # is a step's tokens over the median step time.
+    assert 0 < r["compile_seconds"] < wall and 0 < 2 * r["step_seconds_median"] < wall
+    assert r["tokens_per_sec"] == pytest.approx(256 / r["step_seconds_median"], rel=1e-9)
+    # MFU: model FLOP/s over the peak of all 8 devices (this process's measured CPU peak),
+    # below what XLA counts for the step and below 1.
+    peak, _, source = perf.device_peak("float32", jax.devices()[0])
+    assert r["peak_flops_per_device"] == peak and r["peak_source"] == source
+    assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["flops_per_token"] / (8 * peak),
+                                     rel=1e-9)
+    assert 0 < r["mfu"] < r["mfu_cost_analysis"] < r["hfu_cost_analysis"] < 1
+    # Causal attention halves the scores and values term 12·L·d·T of 2 layers, T = 32.
+    assert r["flops_per_token_dense"] - r["flops_per_token"] == pytest.approx(6 * 2 * 32 * 32)

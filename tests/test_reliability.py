@@ -41,7 +41,7 @@ def _train(tmp, name, monkeypatch, *, skip=None, poison=None, extra=()):
             position += 1
         b = orig(self, position)
         if poison is not None and self.shuffle and position == poison:
-            b["loss_mask"] = np.full_like(b["loss_mask"], np.nan)
+            b = b.replace(loss_mask=np.full_like(b.loss_mask, np.nan))
         return b
 
     monkeypatch.setattr(pipeline.LMBatches, "batch", batch)
@@ -76,9 +76,14 @@ def test_nan_batch_is_skipped_logged_and_harmless(tmp_path, monkeypatch, clean_r
     assert abs(_final_loss(rows) - clean_run) / clean_run < 0.01
 
 
-def test_destructive_lr_spike_rolls_back_and_recovers(tmp_path, monkeypatch, clean_run):
+# (optimizer step index, 0-based, whose update gets a 1000x rate; checkpoint expected as
+# the rollback target). Checkpoints every 10 steps: a spike just after one, one mid-interval,
+# and one whose damaged update lands in the checkpoint of step 30 (saved before the loss
+# spike shows at step 31), and one damaging the checkpoint of step 20 itself.
+@pytest.mark.parametrize("spike_at,clean_step", [(24, 20), (29, 20), (19, 10)])
+def test_destructive_lr_spike_rolls_back_and_recovers(tmp_path, monkeypatch, clean_run,
+                                                      spike_at, clean_step):
     base = jaxlm.optim.lr_schedule
-    spike_at = BAD_POSITION  # optimizer step index (0-based) that gets a 1000x rate
     fired = []
 
     def factor(step):  # host side: the fault happens once, like a real transient fault
@@ -98,18 +103,17 @@ def test_destructive_lr_spike_rolls_back_and_recovers(tmp_path, monkeypatch, cle
     kinds = [r.get("event") for r in rows if "event" in r]
     assert "loss_spike" in kinds and "rollback" in kinds
     rollback = next(r for r in rows if r.get("event") == "rollback")
-    assert rollback["to_step"] == 20
+    assert rollback["to_step"] == clean_step
     lm = jaxlm.load(run)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(lm.params))
     final = _final_loss(rows)
-    assert math.isfinite(final) and abs(final - clean_run) / clean_run < 0.01, (final, clean_run)
+    assert math.isfinite(final) and abs(final - clean_run) / clean_run < 0.02, (final, clean_run)
 
 
 def test_stop_policy_exits_with_a_message(tmp_path, monkeypatch, capsys):
     def always_nan(self, position):
         b = pipeline.LMBatches.__dict__["_orig"](self, position)
-        b["loss_mask"] = np.full_like(b["loss_mask"], np.nan)
-        return b
+        return b.replace(loss_mask=np.full_like(b.loss_mask, np.nan))
 
     monkeypatch.setattr(pipeline.LMBatches, "_orig", pipeline.LMBatches.batch, raising=False)
     monkeypatch.setattr(pipeline.LMBatches, "batch", always_nan)

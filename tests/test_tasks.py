@@ -3,13 +3,16 @@ the copy-the-source baseline, `jaxlm eval --task` end to end, `generate --beams`
 
 import json
 import sqlite3
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxlm import tasks
 from jaxlm.cli import main
+from jaxlm.config import ConfigError
 from jaxlm.data import parallel
 from jaxlm.data.prepare import CORPORA, Archive, PrepareError
 from jaxlm.train import rundir
@@ -111,6 +114,7 @@ def train_on_number_pairs(tmp, *model_args: str):
 @pytest.fixture(scope="module")
 def mt_run(tmp_path_factory):
     return train_on_number_pairs(tmp_path_factory.mktemp("mt"), "model.preset=transformer",
+                                 "data.format=pairs",
                                  "model.norm_position=pre", "model.scan_layers=false",
                                  "model.max_seq_len=32", "train.seq_len=16")
 
@@ -140,14 +144,38 @@ def test_eval_max_new_tokens_bounds_the_outputs(mt_run):
 
 
 @pytest.mark.slow
-def test_generate_with_beams_from_the_cli(mt_run, capsys):
-    assert main(["generate", "--run", str(mt_run), "--prompt", "two three", "--beams", "3",
-                 "--max-new-tokens", "30"]) == 0
-    beam = capsys.readouterr().out.strip()
-    assert main(["generate", "--run", str(mt_run), "--prompt", "two three", "--temperature",
-                 "0", "--max-new-tokens", "30"]) == 0
-    greedy = capsys.readouterr().out.strip()
-    assert beam and greedy and "two" not in beam
+def test_generate_with_beams_from_the_cli(mt_run, capsys, monkeypatch):
+    """`generate --beams 3` prints the best hypothesis of a beam search of width 3, and
+    `--temperature 0` the greedy one: those a plain Python search finds that reruns the
+    whole decoder over every prefix (on the source ids and start token the CLI used)."""
+    import jaxlm
+    import jaxlm.generate
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_generate import _beam_search_full
+
+    calls = []
+    real = jaxlm.generate.generate_seq2seq_ids
+
+    def spy(model, params, sources, **kw):
+        calls.append((model, params, sources, kw))
+        return real(model, params, sources, **kw)
+
+    monkeypatch.setattr(jaxlm.generate, "generate_seq2seq_ids", spy)
+    out = {}
+    for name, flags in (("beam", ["--beams", "3"]), ("greedy", ["--temperature", "0"])):
+        assert main(["generate", "--run", str(mt_run), "--prompt", "two three", *flags,
+                     "--max-new-tokens", "30"]) == 0
+        out[name] = capsys.readouterr().out.strip()
+    tok = jaxlm.load(mt_run).tokenizer
+    for (model, params, sources, kw), name in zip(calls, ("beam", "greedy"), strict=True):
+        assert kw["beams"] == (3 if name == "beam" else 1) and kw["length_penalty"] == 1.0
+        src, valid = np.asarray(sources, np.int32), np.ones((1, len(sources[0])), bool)
+        max_new = min(kw["max_new_tokens"], model.cfg.max_seq_len - 1)
+        want = tok.decode(_beam_search_full(model, params, src, valid, kw["start_id"],
+                                            kw["eos_id"], kw["beams"], max_new, 1.0)[0])
+        assert out[name] == want.strip(), (name, out[name], want)
+    assert out["beam"] and "two" not in out["beam"]
     with pytest.raises(SystemExit):
         main(["eval", "--run", str(mt_run), "--task", "nope"])
 
@@ -160,15 +188,19 @@ def test_pair_runs_and_heldout_pairs(tmp_path):
     assert setup.uses_pairs(mt)  # a prepared pair corpus, no data.files
     lm = config_lib.load("tiny", ["data.name=bible-mt-en-fr"])
     assert setup.uses_pairs(lm)  # decoder-only: prompt -> answer rows
-    mlm = config_lib.load("bert-mlm-tiny", ["data.name=bible-mt-en-fr"])
-    assert not setup.uses_pairs(mlm)  # masked LM: pairs don't apply
+    with pytest.raises(ConfigError, match="encoder family trains on text"):
+        config_lib.load("bert-mlm-tiny", ["data.name=bible-mt-en-fr"])  # masked LM: no pairs
+    mlm = config_lib.load("bert-mlm-tiny", [])
     texts = tmp_path / "texts.jsonl"
     texts.write_text('{"text": "a document"}\n')
     pairs = tmp_path / "qa.jsonl"
     pairs.write_text('{"source": "a question", "target": "an answer"}\n')
     assert not setup.uses_pairs(config_lib.load("tiny", [f"data.files={texts}"]))
-    assert setup.uses_pairs(config_lib.load("tiny", [f"data.files={pairs}"]))
-    from jaxlm.train.loop import next_command  # the end summary's suggestion fits the run
+    # Files hold what data.format says, never what their first record looks like.
+    assert not setup.uses_pairs(config_lib.load("tiny", [f"data.files={pairs}"]))
+    assert setup.uses_pairs(config_lib.load("tiny", [f"data.files={pairs}",
+                                                     "data.format=prompt_answer"]))
+    from jaxlm.cli import next_command  # the end summary's suggestion fits the run
 
     assert next_command(mt, "R") == "jaxlm eval --run R --task translate"
     assert next_command(config_lib.load("gpt2-qa-tiny", []), "R").endswith("--task qa")
@@ -177,7 +209,7 @@ def test_pair_runs_and_heldout_pairs(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in number_pairs(100, 0)))
     cfg = config_lib.load("tiny", ["model.preset=transformer", f"data.files={data}",
-                                   "data.valid_fraction=0.1"])
+                                   "data.format=pairs", "data.valid_fraction=0.1"])
     held = tasks.heldout_pairs(cfg)
     assert len(held) == 10 and held[-1][1] == number_pairs(100, 0)[-1]["target"]
     with pytest.raises(tasks.DataError, match="pairs"):
@@ -188,7 +220,8 @@ def test_pair_runs_and_heldout_pairs(tmp_path):
 def test_decoder_only_trains_on_prompt_answer_rows_and_answers(tmp_path):
     """A decoder reads "source\\nAnswer:" and learns the target (loss on the answer only);
     `eval --task qa` prompts it the same way and scores its first line by SQuAD rules."""
-    run = train_on_number_pairs(tmp_path, "model.max_seq_len=48", "train.seq_len=48")
+    run = train_on_number_pairs(tmp_path, "model.max_seq_len=48", "train.seq_len=48",
+                                "data.format=prompt_answer")
     assert main(["eval", "--run", str(run), "--task", "qa", "--quiet"]) == 0
     result = json.loads((run / "eval_qa.json").read_text())
     assert result["examples"] == 40

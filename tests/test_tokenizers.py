@@ -183,6 +183,8 @@ def _assert_save_load(tok: Tokenizer, directory: Path, strings: list[str]) -> To
         assert getattr(back, attr, None) == getattr(tok, attr, None), attr
     for s in strings:
         assert back.encode(s) == tok.encode(s), s
+        for whole in (False, True):  # the special-token rules travel with the files
+            assert back.encode_input(s, whole=whole) == tok.encode_input(s, whole=whole), s
     return back
 
 
@@ -269,6 +271,7 @@ def test_gpt2_vocab_merges_dir(gpt2: HFTokenizer, tmp_path: Path) -> None:
     for s in STRINGS + [f"a{eot}b"]:
         ids = tok.encode(s)
         assert ids == ref(s, add_special_tokens=False)["input_ids"] == gpt2.encode(s), s
+        assert tok.encode_input(s) == ref(s)["input_ids"] == ids, s
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
 
 
@@ -288,6 +291,7 @@ def test_bert_wordpiece(minilm_dir: Path, tmp_path: Path) -> None:
         for s in strings:
             ids = tok.encode(s)
             assert ids == ref(s, add_special_tokens=False)["input_ids"], s
+            assert tok.encode_input(s) == ref(s)["input_ids"] == [101, *ids, 102], s
             assert tok.decode([101, *ids, 102, 0]) == ref.decode(ids, skip_special_tokens=True)
         _assert_save_load(tok, tmp_path / f"saved_{d.name}", strings)
 
@@ -328,6 +332,7 @@ def test_llama2_tokenizer_json(llama2_json: Path, tmp_path: Path) -> None:
     for s in STRINGS + ["x<s>y</s>z"]:
         ids = tok.encode(s)
         assert ids == ref(s, add_special_tokens=False)["input_ids"], s
+        assert tok.encode_input(s) == ref(s)["input_ids"] == [1, *ids], s  # its <s> $A template
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
     _assert_save_load(tok, tmp_path / "saved", STRINGS)
 
@@ -357,3 +362,139 @@ def test_from_name(tmp_path: Path) -> None:
     assert isinstance(tok, HFTokenizer) and tok.decode(tok.encode("café 👍🏽")) == "café 👍🏽"
     tok.save(tmp_path)
     assert from_name(str(tmp_path)).encode("café") == tok.encode("café")
+
+
+# ---------------------------------------------------------------- special-token rules
+
+RULE_WORDS = "the cat sat on a mat dog ran".split()
+
+
+def test_encode_input_without_rules_is_jaxlm_s(bpe: HFTokenizer, tmp_path: Path) -> None:
+    """Bytes and jaxlm's BPE have no rules of their own: a prompt is the bare text (BOS alone
+    when empty), a whole sequence (seq2seq source or target) the text + EOS."""
+    for tok in (ByteTokenizer(), bpe):
+        assert isinstance(tok, Tokenizer)
+        ids = tok.encode("the cat")
+        assert tok.encode_input("the cat") == ids
+        assert tok.encode_input("the cat", whole=True) == [*ids, tok.eos_id]
+        assert tok.encode_input("") == [tok.bos_id]
+        assert tok.encode_input("", whole=True) == [tok.eos_id]
+        assert tok.input_affixes() == ([], []) and tok.input_affixes(whole=True) == (
+            [], [tok.eos_id])
+        _assert_save_load(tok, tmp_path / type(tok).__name__, ["the cat", ""])
+
+
+def _word_tokenizer(post_processor=None):
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "[CLS]", "[SEP]"]
+    tok = _Tok(models.WordLevel({t: i for i, t in enumerate(specials + RULE_WORDS)},
+                                unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if post_processor is not None:
+        tok.post_processor = post_processor
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["llama", "bart", "bert", "t5", "sequence", "plain"])
+def test_encode_input_follows_tokenizer_json_like_hf(kind: str, tmp_path: Path) -> None:
+    """tokenizer.json's post-processor decides, as for HF's AutoTokenizer (which ignores
+    add_bos_token/add_eos_token beside a tokenizer.json); jaxlm's copy in a run keeps it."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    template = lambda single, specials: processors.TemplateProcessing(  # noqa: E731
+        single=single, pair=f"{single} $B:1", special_tokens=specials)
+    post = {"llama": template("<s> $A", [("<s>", 1)]),
+            "bart": processors.RobertaProcessing(("</s>", 2), ("<s>", 1)),
+            "bert": processors.BertProcessing(("[SEP]", 5), ("[CLS]", 4)),
+            "t5": template("$A </s>", [("</s>", 2)]),
+            "sequence": processors.Sequence([processors.ByteLevel(),
+                                             template("<s> <s> $A </s>", [("<s>", 1),
+                                                                           ("</s>", 2)])]),
+            "plain": processors.ByteLevel()}[kind]
+    want = {"llama": ([1], []), "bart": ([1], [2]), "bert": ([4], [5]), "t5": ([], [2]),
+            "sequence": ([1, 1], [2]), "plain": ([], [])}[kind]
+    d = tmp_path / kind
+    PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(post), bos_token="<s>",
+                            eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                            ).save_pretrained(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_eos_token": True}))
+    tok, ref = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
+    assert tok.input_affixes() == want
+    for text in ["the cat sat", "a mat", "dog ran on the mat"]:
+        assert tok.encode_input(text) == ref(text)["input_ids"], text
+        assert tok.encode_input(text, whole=True) == (
+            ref(text)["input_ids"] if any(want) else [*tok.encode(text), 2]), text
+    _assert_save_load(tok, tmp_path / "run_copy", ["the cat sat", ""])
+
+
+def _tiny_sentencepiece(path: Path) -> Path:
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(RULE_WORDS[i:] + RULE_WORDS[:i]) for i in range(8)]
+                               * 20),
+        model_writer=buf, vocab_size=30, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
+        pad_id=3, hard_vocab_limit=False, minloglevel=2)
+    path.mkdir(parents=True)
+    (path / "tokenizer.model").write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("config", [
+    {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False},
+    {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": True},
+    {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False},
+    {"tokenizer_class": "T5Tokenizer"}])
+def test_sentencepiece_follows_config_flags_like_hf(config: dict, tmp_path: Path) -> None:
+    """Without a tokenizer.json, tokenizer_config.json's add_bos_token/add_eos_token (or
+    the class's own: T5 appends </s>) decide, and a saved copy keeps them."""
+    from transformers import AutoTokenizer
+
+    d = _tiny_sentencepiece(tmp_path / "spm")
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, ref = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
+    assert isinstance(tok, SentencePieceTokenizer)
+    for text in ["the cat sat", "a mat"]:
+        assert tok.encode_input(text) == ref(text)["input_ids"], text
+    _assert_save_load(tok, tmp_path / "run_copy", ["the cat sat", ""])
+
+
+def test_vocab_files_get_their_class_template_like_hf(tmp_path: Path) -> None:
+    """vocab.json + merges.txt of a BART tokenizer (<s> text </s>), with add_bos_token for a
+    GPT-2 one; vocab.txt of a BERT one ([CLS] text [SEP])."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    bpe = _Tok(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([" ".join(RULE_WORDS)] * 5, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab_txt = tmp_path / "vocab.txt"
+    vocab_txt.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *RULE_WORDS]) + "\n")
+    cases = {"BartTokenizer": ([0], [2]), "GPT2Tokenizer": ([0], []), "BertTokenizer": ([2], [3])}
+    for cls, want in cases.items():
+        d = tmp_path / cls
+        d.mkdir()
+        if cls == "BertTokenizer":
+            shutil.copy(vocab_txt, d / "vocab.txt")
+            config = {"tokenizer_class": cls}
+        else:
+            bpe.model.save(str(d))
+            config = {"tokenizer_class": cls, "bos_token": "<s>", "eos_token": "</s>",
+                      "unk_token": "<unk>", "pad_token": "<pad>",
+                      **({"add_bos_token": True} if cls == "GPT2Tokenizer" else {})}
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        tok, ref = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
+        assert tok.input_affixes() == want, cls
+        for text in ["the cat sat", "a mat"]:
+            assert tok.encode_input(text) == ref(text)["input_ids"], (cls, text)
+        _assert_save_load(tok, tmp_path / f"{cls}_copy", ["the cat sat"])

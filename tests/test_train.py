@@ -13,7 +13,7 @@ from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
 from jaxlm.config import MeshConfig
-from jaxlm.models.transformer import build_model
+from jaxlm.families.registry import build_model
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
 from jaxlm.train.state import init_state, state_shardings

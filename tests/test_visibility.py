@@ -311,8 +311,8 @@ def test_model_summary_and_flops():
 
     from jaxlm import sharding
     from jaxlm.config import MeshConfig
-    from jaxlm.models.transformer import build_model
-    from jaxlm.perf import flops_per_token
+    from jaxlm.families import registry
+    from jaxlm.families.registry import build_model
     from jaxlm.train.report import human, model_summary
     from jaxlm.train.state import param_shardings
 
@@ -321,7 +321,12 @@ def test_model_summary_and_flops():
     shapes, shardings = param_shardings(build_model(cfg.model), mesh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             shapes, shardings)
-    text = model_summary(abstract, cfg)
+    # FLOPs per token, as the family counts them for the summary and MFU, against a hand
+    # count: 6N + 12·L·d·T / 2 (causal), N the matmul weights: the tied 260×32 embedding and
+    # per layer query, key, value, output (4·32·32) and the MLP (2·32·64).
+    fpt = registry.of(cfg.model).flops_per_token(cfg, abstract)
+    assert fpt == 6 * (260 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 64)) + 12 * 2 * 32 * 32 / 2
+    text = model_summary(abstract, cfg, fpt)
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     assert f"({n:,})" in text
     assert "embed" in text and "decoder" in text and "layers_0..1 (×2)" in text
@@ -329,7 +334,7 @@ def test_model_summary_and_flops():
     biggest = text.split("largest tensors")[1].splitlines()[1]
     assert "embed/embedding" in biggest and "P('tensor', 'fsdp')" in biggest
     assert "(130, 16)" in biggest  # per-device shard of (260, 32) on a 2×2 split
-    assert f"= {human(flops_per_token(cfg, abstract))}" in text  # the formula MFU uses
+    assert f"= {human(fpt)}  ({human(fpt * 8 * 32)} per step of 256 tokens)" in text, text
 
 
 # ------------------------------------------------------------------ help

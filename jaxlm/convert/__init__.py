@@ -19,29 +19,23 @@ from typing import Any
 import jax
 import numpy as np
 
-# HF model_type -> module in jaxlm.convert
-FAMILIES: dict[str, str] = {
-    "bert": "bert",
-    "roberta": "bert",
-    "gpt2": "gpt2",
-    "gpt_neo": "gpt_neo",
-    "llama": "llama",
-    "t5": "t5",
-    "bart": "bart",
-    "marian": "marian",
-}
-
 
 class ConversionError(ValueError):
     """Unsupported architecture or a missing/mis-shaped tensor; the CLI exits with code 2."""
 
 
-def family_module(model_type: str):
-    if model_type not in FAMILIES:
-        supported = ", ".join(sorted(FAMILIES)) or "none yet"
+def family_module(model_type: str, family: str | None = None):
+    """The jaxlm.convert module for an HF model_type (each family spec lists its own). With
+    `family` (exporting a jaxlm model), the model_type must belong to that family."""
+    from jaxlm.families import registry
+
+    found = registry.hf_converter(model_type, family)
+    if found is None:
+        supported = ", ".join(sorted(registry.hf_model_types()))
         raise ConversionError(
-            f"HF architecture '{model_type}' is not supported; supported: {supported}")
-    return importlib.import_module(f"jaxlm.convert.{FAMILIES[model_type]}")
+            f"HF architecture '{model_type}' is not supported"
+            + (f" for a {family} model" if family else "") + f"; supported: {supported}")
+    return importlib.import_module(f"jaxlm.convert.{found[1]}")
 
 
 def stack_layers(layers: list[Any], scan: bool, prefix: str = "layers") -> dict[str, Any]:

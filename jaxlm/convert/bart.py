@@ -29,8 +29,9 @@ DECODER_TABLE = (_attn("attn", "self_attn", "ln_attn")
                  + _attn("cross_attn", "encoder_attn", "ln_cross") + _MLP)
 
 
-def common_config(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """model.* fields shared by BART and Marian configs."""
+def common_config(hf: dict[str, Any], model_type: str, start_default: int) -> dict[str, Any]:
+    """model.* fields shared by BART and Marian configs; `start_default`: the decoder start
+    when the config names none (HF's own default for the model type)."""
     lay.equal_sides(hf, model_type, "attention_heads", "ffn_dim")
     layers, dec_layers = hf["encoder_layers"], hf["decoder_layers"]
     return dict(
@@ -44,13 +45,12 @@ def common_config(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
         dropout=float(hf.get("dropout", 0.0)),
         pad_token_id=hf.get("pad_token_id", PRESETS[model_type]["pad_token_id"]),
-        decoder_start_id=hf.get("decoder_start_token_id",
-                                PRESETS[model_type]["decoder_start_id"]),
+        decoder_start_id=hf.get("decoder_start_token_id", start_default),
     )
 
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    return common_config(hf, "bart")
+    return common_config(hf, "bart", hf.get("eos_token_id", 2))  # HF BartConfig: 2 (</s>)
 
 
 def check(cfg: ModelConfig, model_type: str, **expected: Any) -> None:
@@ -101,6 +101,12 @@ def common_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarr
     return out
 
 
+def start_for_hf(cfg: ModelConfig) -> int:
+    """decoder_start_token_id for HF's config.json: model.decoder_start_id, or when that is
+    -1 (the tokenizer's BOS, resolved by `jaxlm convert` before it gets here) the pad id."""
+    return cfg.decoder_start_id if cfg.decoder_start_id >= 0 else max(cfg.pad_token_id, 0)
+
+
 def common_hf_config(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
     return {
         "model_type": model_type, "architectures": [architecture],
@@ -112,7 +118,7 @@ def common_hf_config(cfg: ModelConfig, model_type: str, architecture: str) -> di
         "activation_function": lay.ACT_TO_HF[cfg.activation],
         "scale_embedding": cfg.embed_scale, "tie_word_embeddings": cfg.tie_embeddings,
         "dropout": cfg.dropout, "is_encoder_decoder": True,
-        "pad_token_id": cfg.pad_token_id, "decoder_start_token_id": cfg.decoder_start_id,
+        "pad_token_id": cfg.pad_token_id, "decoder_start_token_id": start_for_hf(cfg),
     }
 
 

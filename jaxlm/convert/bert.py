@@ -87,7 +87,7 @@ def _layer_from_hf(tensors, p: str, cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _check(cfg: ModelConfig) -> None:
-    ok = (cfg.family == "encoder" and cfg.norm == "layernorm" and cfg.norm_position == "post"
+    ok = (cfg.norm == "layernorm" and cfg.norm_position == "post"
           and not cfg.gated_mlp and cfg.position == "learned" and cfg.use_bias
           and cfg.num_kv_heads in (0, cfg.num_heads)
           and cfg.head_dim in (0, cfg.d_model // cfg.num_heads)

@@ -119,7 +119,6 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
 
 def _check_exportable(cfg: ModelConfig) -> None:
     t = "gpt2"
-    require(cfg.family == "decoder", f"model.family={cfg.family!r} (need decoder)", t)
     require(cfg.norm == "layernorm" and cfg.norm_position == "pre",
             "GPT-2 uses pre-LayerNorm (model.norm=layernorm, model.norm_position=pre)", t)
     require(not cfg.gated_mlp, "GPT-2 has no gated MLP (model.gated_mlp must be false)", t)

@@ -98,7 +98,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
 
 def _check_exportable(cfg: ModelConfig) -> None:
     t = "gpt_neo"
-    require(cfg.family == "decoder" and cfg.norm == "layernorm" and cfg.norm_position == "pre"
+    require(cfg.norm == "layernorm" and cfg.norm_position == "pre"
             and not cfg.gated_mlp and cfg.position == "learned",
             "GPT-Neo is a pre-LayerNorm decoder with learned positions and a plain MLP", t)
     require(cfg.activation in ACT_TO_HF, f"model.activation={cfg.activation!r}", t)

@@ -1,5 +1,5 @@
 """Read and write HF model directories (config.json + *.safetensors) through the family
-modules registered in jaxlm.convert.FAMILIES. safetensors only: no torch.load, no pickle."""
+modules the family specs list (jaxlm.families). safetensors only: no torch.load, no pickle."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def save_hf(cfg: ModelConfig, params: Any, out_dir: str | Path) -> Path:
     """Writes config.json + model.safetensors that the HF class for `cfg` loads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    module = family_module(hf_model_type(cfg))
+    module = family_module(hf_model_type(cfg), family=cfg.family)
     tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32))
                for k, v in module.params_to_hf(params, cfg).items()}
     save_file(tensors, str(out / "model.safetensors"))

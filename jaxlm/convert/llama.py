@@ -101,7 +101,6 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
 
 def _check_exportable(cfg: ModelConfig) -> None:
     t = "llama"
-    require(cfg.family == "decoder", f"model.family={cfg.family!r} (need decoder)", t)
     require(cfg.norm == "rmsnorm" and cfg.norm_position == "pre",
             "Llama uses pre-RMSNorm (model.norm=rmsnorm, model.norm_position=pre)", t)
     require(cfg.gated_mlp, "Llama has a gated MLP (model.gated_mlp must be true)", t)

@@ -20,7 +20,8 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if dec_vocab not in (None, hf["vocab_size"]):
         raise ConversionError(f"marian: decoder_vocab_size={dec_vocab} differs from "
                               f"vocab_size={hf['vocab_size']}; jaxlm needs them equal")
-    return bart.common_config(hf, "marian")
+    # HF MarianConfig's default decoder start is its pad id (58100).
+    return bart.common_config(hf, "marian", hf.get("pad_token_id", 58100))
 
 
 def _check(cfg: ModelConfig) -> None:

@@ -10,6 +10,7 @@ overwrites an existing directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 
 from jaxlm import config as config_lib
 from jaxlm import sharding
@@ -26,8 +28,8 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError, MeshConfig, TrainConfig
 from jaxlm.convert import ConversionError, family_module
 from jaxlm.convert.hf import read_hf_config, read_tensors, save_hf
-from jaxlm.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer
-from jaxlm.models.transformer import build_model
+from jaxlm.data.tokenizers import HFTokenizer, Tokenizer, decoder_start_id, load_tokenizer
+from jaxlm.families import registry
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
 from jaxlm.train.state import TrainState, state_shardings
@@ -56,12 +58,33 @@ def _publish(tmp: Path, out: Path) -> Path:
     return out
 
 
+def _hf_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json of an HF directory; ConversionError naming the file when it is not a JSON
+    object with a model_type."""
+    path = hf_dir / "config.json"
+    try:
+        hf_config = read_hf_config(hf_dir)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ConversionError(f"'{path}' is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConversionError(f"cannot read '{path}': {e.strerror}") from None
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"'{path}' must hold a JSON object, not a "
+                              f"{type(hf_config).__name__}")
+    if not isinstance(hf_config.get("model_type"), str):
+        raise ConversionError(f"'{path}' has no model_type string; is it an HF model config?")
+    return hf_config
+
+
 def run_config(hf_config: dict[str, Any], name: str, overrides: list[str] | None = None
                ) -> Config:
     """The run's Config: model fields from the HF config, schema defaults elsewhere, then
     `overrides` (train.*, optim.*, data.*, ... and the model keys in MODEL_OVERRIDES)."""
     model_type = hf_config.get("model_type", "<missing model_type>")
-    fields = family_module(model_type).config_from_hf(hf_config)
+    try:
+        fields = family_module(model_type).config_from_hf(hf_config)
+    except KeyError as e:
+        raise ConversionError(f"the HF config ({model_type}) lacks {e}") from None
     over = config_lib.parse_overrides(overrides or [])
     for key in over.get("model", {}):
         if key not in MODEL_OVERRIDES:
@@ -94,7 +117,7 @@ def _check_tree(abstract: Any, params: Any) -> None:
 def train_state(cfg: Config, params: Any) -> TrainState:
     """A step-0 TrainState holding `params` (fresh optimizer state) on one device."""
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = build_model(cfg.model)
+    model = registry.of(cfg.model).build_model(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh):
         abstract, shardings = state_shardings(model, tx, mesh)
@@ -121,10 +144,16 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path,
     """Converts an HF model directory into a new jaxlm run directory `out_dir`."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     _check_out(out)
-    hf_config = read_hf_config(hf_dir)
+    hf_config = _hf_config(hf_dir)
     cfg = run_config(hf_config, hf_dir.resolve().name, overrides)
-    params = family_module(hf_config["model_type"]).params_from_hf(read_tensors(hf_dir),
-                                                                  cfg.model)
+    try:
+        tensors = read_tensors(hf_dir)
+    except SafetensorError as e:
+        raise ConversionError(f"cannot read the safetensors in '{hf_dir}': {e}") from None
+    try:
+        params = family_module(hf_config["model_type"]).params_from_hf(tensors, cfg.model)
+    except KeyError as e:
+        raise ConversionError(f"the safetensors in '{hf_dir}' lack the tensor {e}") from None
     state = train_state(cfg, params)
     tokenizer = _hf_tokenizer(hf_dir)
     tmp = _staging(out)
@@ -176,9 +205,13 @@ def run_to_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     _check_out(out)
     lm = load(run_dir)
     params = jax.device_get(lm.params)
+    # The decoder start the run used (-1: its tokenizer's BOS), as HF's decoder_start_token_id.
+    model_cfg = dataclasses.replace(lm.config.model,
+                                    decoder_start_id=decoder_start_id(lm.config.model,
+                                                                      lm.tokenizer))
     tmp = _staging(out)
     try:
-        save_hf(lm.config.model, params, tmp)
+        save_hf(model_cfg, params, tmp)
         if lm.tokenizer is not None:
             save_hf_tokenizer(lm.tokenizer, tmp)
         return _publish(tmp, out)

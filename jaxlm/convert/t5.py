@@ -123,7 +123,10 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         "relative_attention_max_distance": cfg.relative_max_distance,
         "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": ff,
         "dropout_rate": cfg.dropout, "is_encoder_decoder": True,
-        "pad_token_id": cfg.pad_token_id, "decoder_start_token_id": cfg.decoder_start_id,
+        "pad_token_id": cfg.pad_token_id,
+        # -1 (the tokenizer's BOS) is resolved by `jaxlm convert`; T5's own start is pad.
+        "decoder_start_token_id": (cfg.decoder_start_id if cfg.decoder_start_id >= 0
+                                   else cfg.pad_token_id),
         "eos_token_id": 1, "tie_word_embeddings": cfg.tie_embeddings,
         "scale_decoder_outputs": cfg.scale_decoder_output,
     }

@@ -10,7 +10,7 @@ one in_proj_weight [3 * d_model, d_model]; the activation (relu by default) and 
 cannot be read from the weights and come from `cfg`.
 
     params = load_torch_transformer("nn_transformer.safetensors", cfg, embedding)
-    logits = build_model(cfg).apply({"params": params}, src, tgt)
+    logits = registry.of(cfg).build_model(cfg).apply({"params": params}, src, tgt)
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import hashlib
 import json
 from collections.abc import Callable
 
+from jaxlm.data.archive import Archive, PrepareError, Splits
 from jaxlm.data.parallel import pairs_jsonl
-from jaxlm.data.prepare import Archive, PrepareError, Splits
 
 TASK_DIR = "bigbench/benchmark_tasks"
 HELD_OUT_OF = 20  # of every 20 hash buckets: one -> test, one -> valid (about 5% each)

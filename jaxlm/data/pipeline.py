@@ -11,12 +11,16 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import jax
 import numpy as np
 
 from jaxlm.config import DataConfig
+from jaxlm.data.batch import Batch, LMBatch, Seq2SeqBatch, seq2seq_batch, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,16 @@ def tokenize(docs: list[str], tokenizer, progress: bool = False) -> np.ndarray:
 
 # ---------------------------------------------------------------- batches
 
+class BatchSource(Protocol):
+    """What the loop reads: batch(p) is this process's rows of the global batch at
+    position p, a pure function of (seed, p), so a resumed run replays the same batches."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def batch(self, position: int) -> Batch: ...
+
+
 @dataclass
 class LMBatches:
     """Fixed-length windows of a token stream, shuffled per epoch; batch(p) is pure in p."""
@@ -179,15 +193,15 @@ class LMBatches:
         idx = np.arange(index * self.batch_size, (index + 1) * self.batch_size) % n
         return order[idx]
 
-    def batch(self, position: int) -> dict[str, np.ndarray]:
+    def batch(self, position: int) -> LMBatch:
         """This process's rows of the global batch at `position`."""
         rows = self.rows(position)
         per = self.batch_size // self.process_count
         rows = rows[self.process_index * per:(self.process_index + 1) * per]
         starts = self._offset(position // self.batches_per_epoch) + rows * self.seq_len
         windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
-                "loss_mask": np.ones((len(rows), self.seq_len), np.float32)}
+        return LMBatch(inputs=windows[:, :-1], targets=windows[:, 1:],
+                       loss_mask=np.ones((len(rows), self.seq_len), np.float32))
 
 
 def pack_documents(docs: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -222,32 +236,6 @@ def pack_documents(docs: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray
     return {"inputs": grid(inputs), "targets": grid(targets), "segment_ids": seg,
             "positions": (idx - last_start).astype(np.int32),
             "loss_mask": (seg > 0).astype(np.float32)}
-
-
-def for_family(batch: dict[str, np.ndarray], family: str, start_id: int) -> dict[str, np.ndarray]:
-    """Reshapes a causal-LM window batch for the other objectives.
-
-    encoder: the window itself, to be masked inside the step (masked LM).
-    encoder_decoder on plain text: continuation — the encoder reads the first half of the
-    window, the decoder (teacher-forced, starting from `start_id`) writes the second half.
-    """
-    if family == "decoder":
-        return batch
-    if family == "encoder":
-        return {"inputs": batch["inputs"], "loss_mask": batch["loss_mask"]}
-    half = batch["inputs"].shape[1] // 2
-    full = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
-    src, tgt = full[:, :half], full[:, half:half + batch["inputs"].shape[1] - half]
-    return pair_batch(src, tgt, np.ones_like(src, np.float32), np.ones_like(tgt, np.float32),
-                      start_id)
-
-
-def pair_batch(src: np.ndarray, tgt: np.ndarray, src_mask: np.ndarray, tgt_mask: np.ndarray,
-               start_id: int) -> dict[str, np.ndarray]:
-    """Teacher forcing: the decoder input is the target shifted right behind `start_id`."""
-    tgt_in = np.concatenate([np.full((tgt.shape[0], 1), start_id, tgt.dtype), tgt[:, :-1]], 1)
-    return {"src": src, "src_mask": src_mask.astype(np.float32), "tgt_in": tgt_in,
-            "tgt_out": tgt, "loss_mask": tgt_mask.astype(np.float32)}
 
 
 def read_pairs(files: list[str], source_field: str, target_field: str) -> list[tuple[str, str]]:
@@ -300,8 +288,15 @@ class PairBatches:
     @classmethod
     def from_pairs(cls, pairs: list[tuple[str, str]], tokenizer, seq_len: int, batch_size: int,
                    start_id: int, **kw) -> PairBatches:
+        """Sources and targets as the tokenizer's own special-token rules make them (as HF's
+        `tokenizer(source, text_target=target)`; without rules: text + EOS), each target
+        ending in EOS so that the model learns to stop."""
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        eos = tokenizer.eos_id
+
+        def target(text):
+            ids = tokenizer.encode_input(text, whole=True)
+            return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
 
         def pad_to(seqs):
             arr = np.full((len(seqs), seq_len), pad, np.int32)
@@ -312,25 +307,25 @@ class PairBatches:
                 mask[i, :len(ids)] = 1.0
             return arr, mask
 
-        src, src_mask = pad_to([tokenizer.encode(a) + eos for a, _ in pairs])
-        tgt, tgt_mask = pad_to([tokenizer.encode(b) + eos for _, b in pairs])
+        src, src_mask = pad_to([tokenizer.encode_input(a, whole=True) for a, _ in pairs])
+        tgt, tgt_mask = pad_to([target(b) for _, b in pairs])
         return cls(src, src_mask, tgt, tgt_mask, batch_size, start_id, **kw)
 
     @property
     def batches_per_epoch(self) -> int:
         return max(1, len(self.src) // self.batch_size)
 
-    def batch(self, position: int) -> dict[str, np.ndarray]:
+    def batch(self, position: int) -> Seq2SeqBatch:
         rows = _local_rows(self, len(self.src), position)
-        return pair_batch(self.src[rows], self.tgt[rows], self.src_mask[rows],
-                          self.tgt_mask[rows], self.start_id)
+        return seq2seq_batch(self.src[rows], self.tgt[rows], self.src_mask[rows],
+                             self.tgt_mask[rows], self.start_id)
 
 
 @dataclass
 class RowBatches:
     """Batches of ready-made rows (e.g. packed documents), shuffled per epoch; pure in p."""
 
-    rows: dict[str, np.ndarray]  # each [N, seq_len]
+    rows: Batch  # every field [N, seq_len]
     batch_size: int
     seed: int = 0
     shuffle: bool = True
@@ -338,12 +333,31 @@ class RowBatches:
     process_count: int = 1
 
     @property
-    def batches_per_epoch(self) -> int:
-        return max(1, len(self.rows["inputs"]) // self.batch_size)
+    def num_rows(self) -> int:
+        return len(jax.tree.leaves(self.rows)[0])
 
-    def batch(self, position: int) -> dict[str, np.ndarray]:
-        idx = _local_rows(self, len(self.rows["inputs"]), position)
-        return {k: v[idx] for k, v in self.rows.items()}
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, self.num_rows // self.batch_size)
+
+    def batch(self, position: int) -> Batch:
+        return take_rows(self.rows, _local_rows(self, self.num_rows, position))
+
+
+@dataclass
+class MappedBatches:
+    """Another source's batches passed through `fn` (plain-text windows laid out for a
+    family's objective)."""
+
+    source: BatchSource
+    fn: Callable[[Batch], Batch]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.source.batches_per_epoch
+
+    def batch(self, position: int) -> Batch:
+        return self.fn(self.source.batch(position))
 
 
 def packed_rows(docs: list[str], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
@@ -364,21 +378,23 @@ def answer_prompt(source: str) -> str:
 
 def prompted_rows(pairs: list[tuple[str, str]], tokenizer, seq_len: int
                   ) -> dict[str, np.ndarray]:
-    """Decoder-only rows for (source, target) pairs: answer_prompt(source), " target", EOS
+    """Decoder-only rows for (source, target) pairs: answer_prompt(source) as generation
+    encodes it (within the tokenizer's own special tokens, e.g. Llama's BOS), " target", EOS
     (or a newline). The loss covers only the target and its end. A source too long for the
     row loses its beginning, as generation would cut it, never the cue or the target."""
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     end = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
-    cue = tokenizer.encode(ANSWER_CUE)
+    before, after = tokenizer.input_affixes()
+    cue = tokenizer.encode(ANSWER_CUE) + after
     n = len(pairs)
     rows = {"inputs": np.full((n, seq_len), pad, np.int32),
             "targets": np.full((n, seq_len), pad, np.int32),
             "loss_mask": np.zeros((n, seq_len), np.float32)}
     for i, (source, target) in enumerate(pairs):
         answer = (tokenizer.encode(" " + target.strip()) + end)[:seq_len // 2]
-        room = seq_len + 1 - len(answer) - len(cue)
+        room = seq_len + 1 - len(answer) - len(cue) - len(before)
         context = tokenizer.encode(source.rstrip())[-room:] if room > 0 else []
-        ids = context + cue + answer
+        ids = before + context + cue + answer
         start = len(ids) - len(answer)  # index of the first answer token
         rows["inputs"][i, :len(ids) - 1] = ids[:-1]
         rows["targets"][i, :len(ids) - 1] = ids[1:]

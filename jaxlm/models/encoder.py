@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxlm.config import ModelConfig
 from jaxlm.models import attention as attn
 from jaxlm.models.layers import ACTIVATIONS, Embed, Norm, Projection, normal_init, zeros_init
-from jaxlm.models.transformer import ACT_AXES, Stack, dtypes
+from jaxlm.models.transformer import ACT_AXES, Stack, add_positions, dtypes
 
 
 def roberta_positions(valid_BT: jax.Array) -> jax.Array:
@@ -65,15 +65,7 @@ class EncoderMLM(nn.Module):
                 positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, name="embed", **dtypes(cfg))
         x_BTD = embed(tokens_BT)
-        if cfg.position == "learned":
-            pos_table = self.param("pos_embed", normal_init(cfg.init_std, (None, "embed")),
-                                   (cfg.max_seq_len + cfg.position_offset, cfg.d_model),
-                                   jnp.dtype(cfg.param_dtype))
-            rows_BT = positions_BT + cfg.position_offset
-            x_BTD = x_BTD + jnp.take(pos_table, rows_BT, axis=0).astype(x_BTD.dtype)
-        elif cfg.position == "sinusoidal":
-            table = attn.sinusoidal_positions(cfg.max_seq_len, cfg.d_model)
-            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(x_BTD.dtype)
+        x_BTD = add_positions(self, x_BTD, positions_BT, cfg, cfg.init_std)
         if cfg.type_vocab_size:
             type_table = self.param("type_embed", normal_init(cfg.init_std, (None, "embed")),
                                     (cfg.type_vocab_size, cfg.d_model),
@@ -90,7 +82,7 @@ class EncoderMLM(nn.Module):
         if padding_mask_BT is not None or segment_ids_BT is not None:
             mask_BTS = attn.MaskSpec(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT,
                                      kv_valid_BS=padding_mask_BT)
-        x_BTD = Stack(cfg, cfg.num_layers, deterministic, name="encoder")(
+        x_BTD, _ = Stack(cfg, cfg.num_layers, deterministic, name="encoder")(
             x_BTD, mask_BTS, positions_BT)
         if cfg.norm_position == "pre":
             x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name="ln_final",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 _GPT2 = dict(family="decoder", norm="layernorm", norm_position="pre", norm_eps=1e-5,
@@ -77,29 +76,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                position="none", use_bias=False, attention_scale=1.0, relative_buckets=32,
                relative_max_distance=128, scale_decoder_output=True, num_layers=6, d_model=512,
                num_heads=8, head_dim=64, d_ff=2048, vocab_size=32128, max_seq_len=512,
-               pad_token_id=0, decoder_start_id=0),
+               pad_token_id=0),
     # BART-base (140M): post-LN, learned positions offset by 2, LayerNorm on the embeddings.
     "bart": dict(_SEQ2SEQ, norm="layernorm", norm_position="post", norm_eps=1e-5,
                  activation="gelu", position="learned", position_offset=2, use_bias=True,
                  embed_norm=True, final_norm=False, final_logits_bias=True, num_layers=6,
                  d_model=768, num_heads=12, d_ff=3072, vocab_size=50265, max_seq_len=1024,
-                 pad_token_id=1, decoder_start_id=2),
+                 pad_token_id=1),
     # Marian / opus-mt (74M): post-LN, swish, sinusoidal positions in Marian's split layout.
     "marian": dict(_SEQ2SEQ, norm="layernorm", norm_position="post", norm_eps=1e-5,
                    activation="silu", position="sinusoidal", sinusoidal_layout="split",
                    use_bias=True, embed_scale=True, final_norm=False, final_logits_bias=True,
                    num_layers=6, d_model=512, num_heads=8, d_ff=2048, vocab_size=58101,
-                   max_seq_len=512, pad_token_id=58100, decoder_start_id=58100),
+                   max_seq_len=512, pad_token_id=58100),
 }
 
-
-def preset_fields(name: str) -> dict[str, Any]:
-    from jaxlm.config import ConfigError
-
-    if name not in PRESETS:
-        near = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"did you mean '{near[0]}'? " if near else ""
-        raise ConfigError(
-            f"model.preset='{name}' is unknown; {hint}available: {', '.join(PRESETS)}"
-        )
-    return dict(PRESETS[name], preset=name)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxlm.config import ModelConfig
 from jaxlm.models import attention as attn
 from jaxlm.models.layers import Embed, Norm, Projection, normal_init, zeros_init
-from jaxlm.models.transformer import ACT_AXES, Stack, dtypes
+from jaxlm.models.transformer import ACT_AXES, Stack, add_positions, dtypes
 
 
 def relative_position_bias(table_PN: jax.Array, q_len: int, kv_len: int, bidirectional: bool,
@@ -43,21 +43,13 @@ class _Side(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, mask_BTS, enc_BSD=None, enc_mask_BTS=None, *,
                  deterministic: bool = True, cache=None):
-        """With a decoding cache (init_cache), x_BTD are the tokens after the cached ones;
-        returns (x, updated cache) then."""
+        """Returns (x, cache): with a decoding cache (init_cache), x_BTD are the tokens after
+        the cached ones and the cache comes back advanced; without one, the cache is None."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
         offset = 0 if cache is None else cache["index"]
         pos_BT = jnp.broadcast_to(jnp.arange(T) + offset, (B, T))
-        if cfg.position == "learned":
-            table = self.param("pos_embed", normal_init(cfg.init_std, (None, "embed")),
-                               (cfg.max_seq_len + cfg.position_offset, D),
-                               jnp.dtype(cfg.param_dtype))
-            x_BTD = x_BTD + jnp.take(table, pos_BT + cfg.position_offset, axis=0).astype(
-                x_BTD.dtype)
-        elif cfg.position == "sinusoidal":
-            table = attn.sinusoidal_positions(cfg.max_seq_len, D, cfg.sinusoidal_layout)
-            x_BTD = x_BTD + jnp.take(table, pos_BT, axis=0).astype(x_BTD.dtype)
+        x_BTD = add_positions(self, x_BTD, pos_BT, cfg, cfg.init_std)
         norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name=name, **dtypes(cfg))
         if cfg.embed_norm:
             x_BTD = norm("ln_embed")(x_BTD)
@@ -76,15 +68,14 @@ class _Side(nn.Module):
         if enc_BSD is not None:
             enc_pos_BS = jnp.broadcast_to(jnp.arange(enc_BSD.shape[1]), enc_BSD.shape[:2])
         layers = (cfg.num_decoder_layers or cfg.num_layers) if self.is_decoder else cfg.num_layers
-        x_BTD = Stack(cfg, layers, deterministic, cross=self.is_decoder, name="stack")(
+        x_BTD, layers = Stack(cfg, layers, deterministic, cross=self.is_decoder, name="stack")(
             x_BTD, mask_BTS, pos_BT, enc_BSD, enc_mask_BTS, enc_pos_BS, bias_BNTS=bias_1NTS,
             cache=None if cache is None else cache["layers"])
         if cache is not None:
-            x_BTD, layers = x_BTD
             cache = {"layers": layers, "index": cache["index"] + T}
         if cfg.final_norm:
             x_BTD = norm("ln_final")(x_BTD)
-        return x_BTD if cache is None else (x_BTD, cache)
+        return x_BTD, cache
 
 
 def _cache_length(cache: dict) -> int:
@@ -123,7 +114,7 @@ class EncoderDecoder(nn.Module):
         """Encoder output [B, S, D]."""
         mask = None if src_padding_mask_BS is None else attn.MaskSpec(
             kv_valid_BS=src_padding_mask_BS)
-        return self.encoder(self._embed(src_BS), mask, deterministic=deterministic)
+        return self.encoder(self._embed(src_BS), mask, deterministic=deterministic)[0]
 
     def decode(self, tgt_BT: jax.Array, enc_BSD: jax.Array | None, *,
                src_padding_mask_BS: jax.Array | None = None,
@@ -139,10 +130,8 @@ class EncoderDecoder(nn.Module):
                                   q_offset=None if cache is None else cache["index"])
         cross_mask = None if src_padding_mask_BS is None else attn.MaskSpec(
             kv_valid_BS=src_padding_mask_BS)
-        x_BTD = self.decoder(self._embed(tgt_BT), self_mask, enc_BSD, cross_mask,
-                             deterministic=deterministic, cache=cache)
-        if cache is not None:
-            x_BTD, cache = x_BTD
+        x_BTD, cache = self.decoder(self._embed(tgt_BT), self_mask, enc_BSD, cross_mask,
+                                    deterministic=deterministic, cache=cache)
         if cfg.scale_decoder_output:
             x_BTD = x_BTD * jnp.asarray(cfg.d_model ** -0.5, x_BTD.dtype)
         logits_BTV = self.embed.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)

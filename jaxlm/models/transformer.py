@@ -1,5 +1,9 @@
 """Transformer blocks and stacks. Flax modules hold structure; the math lives in
-attention.py and layers.py. Activations carry logical-axis constraints at block boundaries."""
+attention.py and layers.py. Activations carry logical-axis constraints at block boundaries.
+
+One cache convention: every layer module (Attention, Block, Stack, a seq2seq side) returns
+(x, cache), the cache None unless a decoding cache was passed in. The models' entry points
+return logits, and (logits, cache) when decoding."""
 
 from __future__ import annotations
 
@@ -22,6 +26,24 @@ def head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.d_model // cfg.num_heads
 
 
+def add_positions(module: nn.Module, x_BTD: jax.Array, positions_BT: jax.Array,
+                  cfg: ModelConfig, std: float) -> jax.Array:
+    """x plus the absolute position encoding of `cfg.position` (learned: a `pos_embed` table
+    created on `module`, with `position_offset` rows before position 0; sinusoidal: fixed).
+    RoPE and relative biases act inside attention instead; they add nothing here."""
+    if cfg.position == "learned":
+        table = module.param("pos_embed", normal_init(std, (None, "embed")),
+                             (cfg.max_seq_len + cfg.position_offset, x_BTD.shape[-1]),
+                             jnp.dtype(cfg.param_dtype))
+        rows_BT = positions_BT + cfg.position_offset
+        return x_BTD + jnp.take(table, rows_BT, axis=0).astype(x_BTD.dtype)
+    if cfg.position == "sinusoidal":
+        table = attn.sinusoidal_positions(cfg.max_seq_len, x_BTD.shape[-1],
+                                          cfg.sinusoidal_layout)
+        return x_BTD + jnp.take(table, positions_BT, axis=0).astype(x_BTD.dtype)
+    return x_BTD
+
+
 def out_std(cfg: ModelConfig) -> float:
     # GPT-2's scaled init of residual projections: std / sqrt(2 * layers).
     return cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -36,7 +58,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, kv_BSD, mask_BTS, q_pos_BT, kv_pos_BS, bias_BNTS=None,
                  cache=None):
-        """With a cache, returns (out, new_cache). Self-attention caches ({"k", "v"}:
+        """Returns (out, cache): None without a cache. Self-attention caches ({"k", "v"}:
         [B, L, K, H]) get this step's keys and values at slot `mask_BTS.q_offset`, and
         attention runs over all L slots (the mask hides the unwritten ones). Cross-attention
         caches hold the projected encoder keys and values: an empty dict is filled on the
@@ -69,7 +91,7 @@ class Attention(nn.Module):
         kw["std"] = out_std(cfg)
         out_BTD = Projection((x_BTD.shape[-1],), ("heads", "head_dim", "embed"), in_axes=2,
                              name="out", **kw)(out_BTNH)
-        return out_BTD if cache is None else (out_BTD, cache)
+        return out_BTD, cache
 
 
 class Block(nn.Module):
@@ -102,9 +124,10 @@ class Block(nn.Module):
         def attention_step(kind, h, kv, mask, kv_pos, bias):
             attention = Attention(cfg, cross=kind == "cross", name="attn" if kind == "self"
                                   else "cross_attn")
-            if cache is None:
-                return attention(h, kv, mask, pos_BT, kv_pos, bias)
-            out, new_cache[kind] = attention(h, kv, mask, pos_BT, kv_pos, bias, cache[kind])
+            out, layer_cache = attention(h, kv, mask, pos_BT, kv_pos, bias,
+                                         None if cache is None else cache[kind])
+            if new_cache is not None:
+                new_cache[kind] = layer_cache
             return out
 
         x_BTD = residual(x_BTD, lambda h: attention_step("self", h, h, mask_BTS, pos_BT,
@@ -149,9 +172,9 @@ class Stack(nn.Module):
     def __call__(self, x_BTD, mask_BTS, pos_BT, enc_BSD=None, enc_mask_BTS=None, enc_pos_BS=None,
                  bias_BNTS=None, local_mask_BTS=None, cache=None):
         """bias_BNTS (e.g. T5's relative position bias) is shared by all layers' self-attention;
-        local_mask_BTS replaces mask_BTS in every `cfg.local_every`-th layer. With `cache`
-        (the layers' caches: stacked on a leading layer axis when scanned, else a tuple)
-        returns (x, updated cache)."""
+        local_mask_BTS replaces mask_BTS in every `cfg.local_every`-th layer. Returns
+        (x, cache): the layers' updated caches (stacked on a leading layer axis when scanned,
+        else a tuple) when `cache` is given, else None."""
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
@@ -166,23 +189,23 @@ class Stack(nn.Module):
                               metadata_params={nn.PARTITION_NAME: "layers"})
             x_BTD, new_cache = scanned(cfg, self.deterministic, self.cross, name="layers")(
                 x_BTD, jnp.arange(self.num_layers), *args, cache)
-            return x_BTD if cache is None else (x_BTD, new_cache)
+            return x_BTD, new_cache
         # Unrolled layers keep one cache per layer (a tuple): no restacking copy per step.
         new_caches = []
         for i in range(self.num_layers):
             x_BTD, layer_cache = block(cfg, self.deterministic, self.cross, name=f"layers_{i}")(
                 x_BTD, i, *args, None if cache is None else cache[i])
             new_caches.append(layer_cache)
-        return x_BTD if cache is None else (x_BTD, tuple(new_caches))
+        return x_BTD, None if cache is None else tuple(new_caches)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """An empty decoding cache: per decoder layer, self-attention k and v [B, L, K, H] (and
-    an empty cross-attention slot for encoder-decoders, filled by the first step), stacked
-    on a leading layer axis when the layers are scanned, else a tuple; plus the next slot."""
+def init_cache(cfg: ModelConfig, batch: int, length: int, *, cross: bool = False) -> dict:
+    """An empty decoding cache: per decoder layer, self-attention k and v [B, L, K, H] (and,
+    with `cross`, an empty cross-attention slot for an encoder-decoder's decoder, filled by
+    the first step), stacked on a leading layer axis when the layers are scanned, else a
+    tuple; plus the next slot."""
     shape = (batch, length, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg))
     dtype = jnp.dtype(cfg.dtype)
-    cross = cfg.family == "encoder_decoder"
     layers = (cfg.num_decoder_layers or cfg.num_layers) if cross else cfg.num_layers
 
     def layer(lead=()):
@@ -211,13 +234,7 @@ class DecoderLM(nn.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, name="embed", **dtypes(cfg))
         x_BTD = embed(tokens_BT)
-        if cfg.position == "learned":
-            pos_table = self.param("pos_embed", normal_init(cfg.init_std / 2, (None, "embed")),
-                                   (cfg.max_seq_len, cfg.d_model), jnp.dtype(cfg.param_dtype))
-            x_BTD = x_BTD + jnp.take(pos_table, positions_BT, axis=0).astype(x_BTD.dtype)
-        elif cfg.position == "sinusoidal":
-            table = attn.sinusoidal_positions(cfg.max_seq_len, cfg.d_model)
-            x_BTD = x_BTD + jnp.take(table, positions_BT, axis=0).astype(x_BTD.dtype)
+        x_BTD = add_positions(self, x_BTD, positions_BT, cfg, cfg.init_std / 2)  # GPT-2 init
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ACT_AXES)
 
@@ -226,11 +243,10 @@ class DecoderLM(nn.Module):
                                  kv_valid_BS=padding_mask_BT, causal=True,
                                  q_offset=None if cache is None else cache["index"])
         local_BTS = mask_BTS.replace(window=cfg.local_window) if cfg.local_window else None
-        x_BTD = Stack(cfg, cfg.num_layers, deterministic, name="decoder")(
+        x_BTD, layers = Stack(cfg, cfg.num_layers, deterministic, name="decoder")(
             x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS,
             cache=None if cache is None else cache["layers"])
         if cache is not None:
-            x_BTD, layers = x_BTD
             cache = {"layers": layers, "index": cache["index"] + T}
         if cfg.norm_position == "pre":
             x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name="ln_final",
@@ -243,14 +259,3 @@ class DecoderLM(nn.Module):
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
         return logits_BTV if cache is None else (logits_BTV, cache)
 
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    if cfg.family == "decoder":
-        return DecoderLM(cfg)
-    if cfg.family == "encoder":
-        from jaxlm.models.encoder import EncoderMLM
-
-        return EncoderMLM(cfg)
-    from jaxlm.models.seq2seq import EncoderDecoder
-
-    return EncoderDecoder(cfg)

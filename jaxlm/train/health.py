@@ -22,6 +22,7 @@ class StepHealth:
         self.window: deque[float] = deque(maxlen=window)
         self.warmup = warmup
         self.bad_run = 0
+        self.first_bad_step: int | None = None  # of the current bad run
         self.rollbacks = 0
 
     def observe(self, metrics: list[dict[str, Any]], first_step: int) -> list[dict[str, Any]]:
@@ -30,7 +31,7 @@ class StepHealth:
         for i, m in enumerate(metrics):
             step, loss = first_step + i, float(m["loss"])
             if int(m["bad_step"]):
-                self.bad_run += 1
+                self._bad(step)
                 events.append({"step": step, "event": "bad_step", "loss": loss,
                                "grad_norm": float(m["grad_norm"]), "bad_run": self.bad_run})
                 continue
@@ -41,13 +42,22 @@ class StepHealth:
                 if z > self.zscore:
                     # A spike counts towards the bad run: a few in a row mean the parameters
                     # were damaged by finite updates, which the in-step guard cannot see.
-                    self.bad_run += 1
+                    self._bad(step)
                     events.append({"step": step, "event": "loss_spike", "loss": loss,
                                    "zscore": round(z, 2), "bad_run": self.bad_run})
                     continue
-            self.bad_run = 0
+            self.reset()
             self.window.append(loss)
         return events
+
+    def _bad(self, step: int) -> None:
+        if self.bad_run == 0:
+            self.first_bad_step = step
+        self.bad_run += 1
+
+    @property
+    def in_bad_run(self) -> bool:
+        return self.bad_run > 0
 
     @property
     def exhausted(self) -> bool:
@@ -55,3 +65,4 @@ class StepHealth:
 
     def reset(self) -> None:
         self.bad_run = 0
+        self.first_bad_step = None

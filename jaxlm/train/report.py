@@ -9,14 +9,53 @@ import re
 import socket
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 
-from jaxlm import perf
 from jaxlm.config import Config
 
 _NUMBERED = re.compile(r"^(.*?)_?(\d+)$")
+
+
+@dataclass
+class Summary:
+    """What a training run reports at its end (and writes to summary.json)."""
+
+    run_dir: str
+    steps: int
+    params: int
+    train_loss: float = float("nan")
+    eval_loss: float = float("nan")
+    best_eval_loss: float = float("nan")
+    eval_bits_per_byte: float = float("nan")
+    tokens_per_sec: float = float("nan")
+    wall_seconds: float = 0.0
+    last_checkpoint: str = ""
+    stopped_early: bool = False
+    tokens: int = 0  # positions trained on: steps × batch_size × seq_len
+    flops_per_token: float = float("nan")
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def format_summary(s: Summary, next_command: str = "") -> str:
+    lines = [
+        "─" * 60,
+        f" run          {s.run_dir}",
+        f" steps        {s.steps}   params {s.params / 1e6:.2f}M   wall {s.wall_seconds:.0f}s",
+        f" train loss   {s.train_loss:.4f}",
+        f" eval loss    {s.eval_loss:.4f}  (best {s.best_eval_loss:.4f}, "
+        f"{s.eval_bits_per_byte:.3f} bits/byte)",
+        f" tokens/s     {s.tokens_per_sec:,.0f}   tokens {human(s.tokens)}   "
+        f"FLOPs/token {human(s.flops_per_token)}",
+        f" checkpoint   {s.last_checkpoint or '-'}"
+        + ("   (stopped early: run the same command to resume)" if s.stopped_early else ""),
+        f" view         jaxlm plot {s.run_dir}   |   tensorboard --logdir {s.run_dir}",
+    ]
+    if next_command:
+        lines.append(f" next         {next_command}")
+    return "\n".join(lines + ["─" * 60])
 
 
 def human(n: float) -> str:
@@ -73,8 +112,9 @@ def largest_tensors(params: Any, k: int = 3) -> list[tuple[str, tuple, str, tupl
     return out
 
 
-def model_summary(params: Any, cfg: Config) -> str:
-    """A few lines for the start of training; `params` may be abstract (eval_shape)."""
+def model_summary(params: Any, cfg: Config, fpt: float) -> str:
+    """A few lines for the start of training (`fpt`: model FLOPs per token); `params` may
+    be abstract (eval_shape)."""
     total = sum(_size(x) for x in jax.tree.leaves(params))
     lines = [f"parameters  {human(total)} ({total:,})"]
     for name, n in params_by_module(params):
@@ -82,9 +122,8 @@ def model_summary(params: Any, cfg: Config) -> str:
     lines.append("largest tensors (shape, mesh sharding, per-device shard)")
     for name, shape, spec, shard in largest_tensors(params):
         lines.append(f"  {name:34s} {str(shape):16s} {spec:28s} {shard}")
-    fpt = perf.flops_per_token(cfg, params)
     step_tokens = cfg.train.batch_size * cfg.train.seq_len
-    lines.append(f"FLOPs/token ≈ 6N + 12·L·d·T (causal half) = {human(fpt)}  "
+    lines.append(f"FLOPs/token ≈ 6N + attention (causal half) = {human(fpt)}  "
                  f"({human(fpt * step_tokens)} per step of {step_tokens:,} tokens)")
     return "\n".join(lines)
 

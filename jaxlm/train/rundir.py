@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from jaxlm import config as config_lib
 from jaxlm.config import Config, ConfigError
 
@@ -46,10 +48,7 @@ def resolve(config_name: str | None, overrides: list[str]) -> tuple[Config, Path
     if not saved_file.exists():
         cfg.run.dir = str(run_dir)
         return cfg, run_dir, False
-    try:
-        saved = config_lib.from_yaml_text(saved_file.read_text())
-    except ConfigError as e:
-        raise ConfigError(f"{saved_file} is not a valid jaxlm config: {e}") from None
+    saved = read_config_file(saved_file)
     given = {k for a in overrides for k in [a.split("=", 1)[0].strip()]}
     resumed_raw = config_lib._merge(config_lib.to_dict(saved), config_lib.parse_overrides(
         overrides))
@@ -81,11 +80,54 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     tmp.replace(run_dir / CONFIG_FILE)
 
 
-def load_config(run_dir: str | Path) -> Config:
+class DamagedConfig(ConfigError):
+    """A run directory's config.yaml that cannot be read; `reason` says why (without the
+    path, for `jaxlm runs`)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is not a valid jaxlm run config: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"not valid YAML{where}: {problem}"
+
+
+def read_config_file(path: Path) -> Config:
+    """A saved config.yaml as a validated Config; DamagedConfig (a ConfigError) naming the
+    file when it cannot be read, is not YAML, or does not hold a valid config."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise DamagedConfig(path, "not UTF-8 text") from None
+    except OSError as e:
+        raise DamagedConfig(path, e.strerror or type(e).__name__) from None
+    except yaml.YAMLError as e:
+        raise DamagedConfig(path, _yaml_problem(e)) from None
+    if not isinstance(raw, dict) or not raw:
+        what = "empty" if not raw else f"a YAML {type(raw).__name__}"
+        raise DamagedConfig(path, f"expected a mapping of config keys, the file is {what}")
+    try:
+        return config_lib.from_yaml_text(text)
+    except ConfigError as e:
+        raise DamagedConfig(path, str(e)) from None
+
+
+def load_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A run directory's config, with dotted `overrides` applied and validated."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"'{run_dir}' is not a jaxlm run directory (no {CONFIG_FILE})")
-    return config_lib.from_yaml_text(path.read_text())
+    cfg = read_config_file(path)
+    if overrides:
+        cfg = config_lib.from_dict(config_lib._merge(
+            config_lib.to_dict(cfg), config_lib.parse_overrides(list(overrides))))
+        config_lib.validate(cfg)
+    return cfg
 
 
 def _clean(v: Any) -> Any:
@@ -120,10 +162,20 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl rows; a line that is not a JSON object (one cut short by a run that is
+    still writing or was killed) is skipped."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def write_summary(run_dir: str | Path, record: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm import sharding
+from jaxlm.families import registry
 
 
 @flax.struct.dataclass
@@ -23,24 +24,18 @@ class TrainState:
     rng: jax.Array  # uint32[2]: base key; step k's dropout key is fold_in(rng, k)
 
 
-def dummy_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 8) -> tuple:
-    """Positional inputs that trace every parameter: (src, tgt) for encoder-decoders."""
-    tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
-    if model.cfg.family == "encoder_decoder":
-        return tokens, tokens
-    return (tokens,)
-
-
 def _init_variables(model: nn.Module, rng: jax.Array):
-    return model.init({"params": rng, "dropout": rng}, *dummy_inputs(model))
+    inputs = registry.of(model.cfg).init_inputs()
+    return model.init({"params": rng, "dropout": rng}, *inputs)
 
 
-def param_shardings(model: nn.Module, mesh: Mesh) -> tuple[Any, Any]:
+def param_shardings(model: nn.Module, mesh: Mesh,
+                    rules: Any = sharding.LOGICAL_RULES) -> tuple[Any, Any]:
     """(abstract params, their NamedShardings) from the modules' logical axis names."""
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # abstract: no array on the mesh needed
     boxed = jax.eval_shape(functools.partial(_init_variables, model), key)
     specs = nn.get_partition_spec(boxed)["params"]
-    return nn.unbox(boxed)["params"], sharding.logical_to_sharding(specs, mesh)
+    return nn.unbox(boxed)["params"], sharding.logical_to_sharding(specs, mesh, rules)
 
 
 def _opt_state_shardings(opt_shapes: Any, params_sharding: Any, params_shape: Any,
@@ -63,10 +58,10 @@ def _opt_state_shardings(opt_shapes: Any, params_sharding: Any, params_shape: An
     return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[TrainState, TrainState]:
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: Any = sharding.LOGICAL_RULES) -> tuple[TrainState, TrainState]:
     """(abstract TrainState of ShapeDtypeStructs with shardings, TrainState of shardings)."""
-    params_shape, params_sharding = param_shardings(model, mesh)
+    params_shape, params_sharding = param_shardings(model, mesh, rules)
     opt_shape = jax.eval_shape(tx.init, params_shape)
     opt_sharding = _opt_state_shardings(opt_shape, params_sharding, params_shape, mesh)
     rep = sharding.replicated(mesh)
@@ -79,16 +74,16 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-               seed: int) -> TrainState:
+               seed: int, rules: Any = sharding.LOGICAL_RULES) -> TrainState:
     """Initialises parameters and optimizer state directly into their shardings."""
-    _, shardings = state_shardings(model, tx, mesh)
+    _, shardings = state_shardings(model, tx, mesh, rules)
 
     def init(rng):
         params = nn.unbox(_init_variables(model, rng))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1))
 
-    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with nn.logical_axis_rules(rules):
         return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 

@@ -12,20 +12,22 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm import sharding
-from jaxlm.objectives import causal_lm_loss
+from jaxlm.data.batch import Batch
 from jaxlm.train.state import TrainState
 
-Batch = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+# Evaluation draws its randomness (the masked-LM masks) from this key folded with the batch
+# index: the same masks at every evaluation, different ones for each batch.
+EVAL_SEED = 0
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
-    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+    return jax.tree.map(lambda v: v.reshape(n, v.shape[0] // n, *v.shape[1:]), batch)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum_steps: int = 1,
-                    loss_fn: LossFn = causal_lm_loss) -> Callable:
+                    schedule: optax.Schedule, *, loss_fn: LossFn,
+                    grad_accum_steps: int = 1) -> Callable:
     """Returns step(state, batch) -> (state, metrics).
 
     Gradients are averaged over all unmasked tokens of the global batch, also when it is
@@ -82,18 +84,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return step
 
 
-def make_eval_step(model: nn.Module, loss_fn: LossFn = causal_lm_loss) -> Callable:
-    def step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        _, aux = loss_fn(model.apply, params, batch, deterministic=True)
+def make_eval_step(model: nn.Module, loss_fn: LossFn) -> Callable:
+    """eval(params, batch, index) -> the loss's sums (nll_sum, num_tokens, ...)."""
+    def step(params: Any, batch: Batch, index: jax.Array) -> dict[str, jax.Array]:
+        rng = jax.random.fold_in(jax.random.PRNGKey(EVAL_SEED), index)
+        _, aux = loss_fn(model.apply, params, batch, rng=rng, deterministic=True)
         return aux
 
     return step
 
 
-def jit_train_step(step: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
+def jit_train_step(step: Callable, state_shardings: TrainState, mesh: Mesh,
+                   rules: Any = sharding.LOGICAL_RULES) -> Callable:
     """jit with explicit in/out shardings; the state's buffers are donated."""
     def traced(state, batch):
-        with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        with nn.logical_axis_rules(rules):
             return step(state, batch)
 
     batch_shard = sharding.batch_sharding(mesh)
@@ -102,10 +107,12 @@ def jit_train_step(step: Callable, state_shardings: TrainState, mesh: Mesh) -> C
                    donate_argnums=(0,))
 
 
-def jit_eval_step(step: Callable, params_shardings: Any, mesh: Mesh) -> Callable:
-    def traced(params, batch):
-        with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            return step(params, batch)
+def jit_eval_step(step: Callable, params_shardings: Any, mesh: Mesh,
+                  rules: Any = sharding.LOGICAL_RULES) -> Callable:
+    def traced(params, batch, index):
+        with nn.logical_axis_rules(rules):
+            return step(params, batch, index)
 
-    return jax.jit(traced, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+    rep = sharding.replicated(mesh)
+    return jax.jit(traced, in_shardings=(params_shardings, sharding.batch_sharding(mesh), rep),
+                   out_shardings=rep)

@@ -8,6 +8,8 @@ block size. Off TPU the kernel runs in Pallas interpret mode (slow; for tests).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -15,6 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.models.kernels.mask import MaskSpec, pad_segments
+from jaxlm.sharding import mesh_axes_for
 
 LANES = 128
 
@@ -77,16 +80,19 @@ def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 
 def shard_over_mesh(fn, kinds: str, batch: int, heads: int, kv_heads: int):
     """Pallas calls are opaque to XLA's partitioner: under a mesh (jax.set_mesh) run `fn`
-    per shard, batch over (data, fsdp) and heads over tensor. `kinds` names each argument:
-    h = [B, heads, ...], b = [B, ...], r = replicated; the output is an h."""
+    per shard, the batch and the heads split as the active logical-axis rules split the
+    `batch` and `act_heads` activations. `kinds` names each argument: h = [B, heads, ...],
+    b = [B, ...], r = replicated; the output is an h."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+    batch_axes, head_axes = mesh_axes_for("batch"), mesh_axes_for("act_heads")
+    if mesh.empty or not set(batch_axes + head_axes) <= set(mesh.axis_names):
         return fn
-    dp, tp = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
+    dp = math.prod(mesh.shape[a] for a in batch_axes)
+    tp = math.prod(mesh.shape[a] for a in head_axes)
     if dp * tp == 1:
         return fn
-    b = ("data", "fsdp") if batch % dp == 0 else None
-    h = "tensor" if heads % tp == 0 and kv_heads % tp == 0 else None
+    b = (batch_axes or None) if batch % dp == 0 else None
+    h = (head_axes or None) if heads % tp == 0 and kv_heads % tp == 0 else None
     specs = {"h": P(b, h), "b": P(b), "r": P()}
     return jax.shard_map(fn, in_specs=tuple(specs[c] for c in kinds), out_specs=specs["h"],
                          check_vma=False)

@@ -1,0 +1,44 @@
+"""The config-facing facts of each family: which `model.*` fields only some families read,
+and which `data.format`s each trains on. A leaf module: config validation reads it without
+importing the specs (which import the models, which import the config)."""
+
+from __future__ import annotations
+
+FAMILY_NAMES = ("decoder", "encoder", "encoder_decoder")
+
+# ModelConfig fields read only by the listed families' modules. Fields not listed here apply
+# to every family.
+OWN_FIELDS: dict[str, frozenset[str]] = {
+    "decoder": frozenset({"local_window", "local_every"}),
+    "encoder": frozenset({"type_vocab_size", "pad_token_id"}),
+    "encoder_decoder": frozenset({
+        "num_decoder_layers", "embed_scale", "embed_norm", "final_norm", "relative_buckets",
+        "relative_max_distance", "scale_decoder_output", "final_logits_bias",
+        "decoder_start_id", "pad_token_id"}),
+}
+
+# data.format values each family trains on; the first is used for plain-text corpora, the
+# pair format (if any) for (source, target) corpora.
+DATA_FORMATS: dict[str, tuple[str, ...]] = {
+    "decoder": ("text", "prompt_answer"),
+    "encoder": ("text",),
+    "encoder_decoder": ("text", "pairs"),
+}
+
+
+def is_family(name: str) -> bool:
+    return name in OWN_FIELDS
+
+
+def family_specific_fields() -> frozenset[str]:
+    return frozenset().union(*OWN_FIELDS.values())
+
+
+def ignored_fields(family: str, fields: set[str]) -> list[str]:
+    """The fields among `fields` that `family`'s modules never read."""
+    return sorted(f for f in fields & family_specific_fields() if f not in OWN_FIELDS[family])
+
+
+def pair_format(family: str) -> str | None:
+    """The data.format a (source, target) corpus becomes for `family`, if it takes pairs."""
+    return next(iter(DATA_FORMATS[family][1:]), None)
