@@ -89,7 +89,7 @@ def compile_for_topology(cfg: Config, topology: str) -> CompileReport:
     B, T = cfg.train.batch_size, cfg.train.seq_len
     with jax.set_mesh(setup.mesh):
         t0 = time.time()
-        compiled = setup.train_step.lower(abstract, setup.abstract_batch()).compile()
+        compiled = setup.lower().compile()
         seconds = time.time() - t0
     mesh = setup.mesh
     mem = compiled.memory_analysis()

@@ -80,6 +80,8 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     import shutil
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"'{out}' is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"'{out}' exists and is not empty; choose a new directory")
     lm = load(run_dir, step)

@@ -154,9 +154,7 @@ def counting_executable(setup: Compiled) -> Any:
         return setup.step
     unrolled = build(dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, scan_layers=False)))
-    with jax.set_mesh(unrolled.mesh):
-        return unrolled.train_step.lower(unrolled.abstract_state,
-                                         unrolled.abstract_batch()).compile()
+    return unrolled.lower().compile()
 
 
 def cost_analysis_flops(setup: Compiled) -> float:

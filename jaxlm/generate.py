@@ -29,7 +29,7 @@ from jaxlm.models.transformer import init_cache
 def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Sets logits outside the top-k / the top-p nucleus to -inf (the top token always stays)."""
     neg = jnp.finfo(logits_BV.dtype).min
-    if top_k and top_k > 0:
+    if top_k and 0 < top_k < logits_BV.shape[-1]:  # k >= vocabulary: every token stays
         kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth, neg, logits_BV)
     if top_p < 1.0:

@@ -275,14 +275,10 @@ def gradient_health(run_dir: str | Path, cfg: Config, batch: Any
 def from_run(run_dir: str | Path, steps: int = 10, overrides: list[str] | None = None
              ) -> Profile:
     """Profiles a run directory's configuration on its own data pipeline."""
-    from jaxlm import config as config_lib
     from jaxlm.data import setup as data_setup
     from jaxlm.train import rundir
 
-    cfg = rundir.load_config(run_dir)
-    if overrides:
-        cfg = config_lib.from_dict(config_lib._merge(config_lib.to_dict(cfg),
-                                                     config_lib.parse_overrides(overrides)))
+    cfg = rundir.load_config(run_dir, overrides or ())
     data = data_setup.build(cfg, Path(run_dir), progress=False)
     position = iter(range(10**9))
 

@@ -56,6 +56,12 @@ class StepSetup:
         return jax.tree.map(lambda x: abstract(x, sharding.batch_sharding(self.mesh, x.ndim)),
                             host)
 
+    def lower(self) -> Any:
+        """The train step lowered on abstract inputs (nothing allocated): `.compile()` it for
+        memory and cost analysis, or for a topology without its chips (AOT)."""
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(self.abstract_state, self.abstract_batch())
+
     def flops_per_token(self, params: Any = None, *, causal_halved: bool = True) -> float:
         return self.family.flops_per_token(self.cfg, params or self.abstract_state.params,
                                            causal_halved=causal_halved)

@@ -17,3 +17,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# The tiny model most tests train (as `key=value` overrides): 2 layers of width 32, 4 heads,
+# 32-token rows, batch 8 (one row per simulated device). Tests add what they vary.
+TINY_SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
+              "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
+# The same with a 64-id vocabulary, for tests that feed token ids by hand.
+TINY_MODEL = [*TINY_SHAPE, "model.vocab_size=64"]

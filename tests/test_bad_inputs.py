@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_SHAPE
 
 from jaxlm.cli import main
 
-SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
-         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8", "run.quiet=true"]
+SHAPE = [*TINY_SHAPE, "run.quiet=true"]
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +169,10 @@ CASES += [
     ([*TRAIN, "--process-id", "-1"], "argument --process-id: must be >= 0, got -1"),
     # generate
     (["generate", "--run", f"{T}/ok.txt"], "not a jaxlm run directory"),
+    (["generate", "--run", f"{T}/hf_badjson", "--max-new-tokens", "1"],
+     "hf_badjson/config.json' is not valid JSON"),
+    (["generate", "--run", f"{T}/hf_list", "--max-new-tokens", "1"], "must hold a JSON object"),
+    (["export", "--run", f"{T}/hf_badjson", "--out", f"{T}/exported"], "is not valid JSON"),
     *[(["generate", "--run", f"{T}/{d}"], f"{d}/config.yaml is not a valid jaxlm run config: {n}")
       for d, n in DAMAGED],
     (["generate", "--run", f"{T}/broken_run"], "broken_run"),

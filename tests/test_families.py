@@ -10,6 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_MODEL
 
 from jaxlm import config as config_lib
 from jaxlm import perf, setup
@@ -18,9 +19,7 @@ from jaxlm.config import ConfigError
 from jaxlm.data.batch import LMBatch, MLMBatch, Seq2SeqBatch
 from jaxlm.families import registry, schema
 
-SMALL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
-         "model.vocab_size=64", "model.max_seq_len=32", "train.seq_len=32",
-         "train.batch_size=8"]
+SMALL = TINY_MODEL
 # (config, extra overrides, expected batch type): one per family and data layout.
 CASES = {
     "decoder": ("tiny", [], LMBatch),

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import bench, perf, profile, sharding
+from jaxlm import bench, perf, profile, setup
 from jaxlm import config as config_lib
 from jaxlm.cli import main
+from jaxlm.families import registry
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
         "model.vocab_size=64", "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
@@ -27,18 +28,16 @@ def cfg_of(*overrides: str):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_formula_with_dense_attention_equals_the_traced_matmul_flops(scan):
+    """Scanned and unrolled stacks alike (every family: tests/test_families.py)."""
     cfg = cfg_of(*TINY, f"model.scan_layers={str(scan).lower()}")
-    mesh = sharding.make_mesh(cfg.mesh)
-    host = bench.synthetic_batch(cfg, np.random.default_rng(0))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+    s = setup.build(cfg)
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    with jax.set_mesh(mesh):
-        _, _, abstract, step = bench.jitted_step(cfg, mesh)
-        traced = perf.jaxpr_matmul_flops(step, abstract, batch)
-    dense = perf.flops_per_token(cfg, abstract.params, causal_halved=False)
+    with jax.set_mesh(s.mesh):
+        traced = perf.jaxpr_matmul_flops(s.train_step, s.abstract_state, s.abstract_batch())
+    dense = s.flops_per_token(causal_halved=False)
     assert traced == pytest.approx(dense * tokens, rel=1e-9)
-    # Causal halving removes exactly half of the attention term.
-    halved = perf.flops_per_token(cfg, abstract.params)
+    # Causal halving removes exactly half of the attention term (the diagonal counted half).
+    halved = s.flops_per_token()
     assert dense - halved == pytest.approx(6 * 2 * 32 * 32)
 
 
@@ -133,7 +132,7 @@ def _slow_batches(cfg, seconds):
 
     def next_batch():
         time.sleep(seconds)
-        return bench.synthetic_batch(cfg, rng)
+        return registry.of(cfg.model).synthetic_batch(cfg, rng)
     return next_batch
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_SHAPE
 
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.train import rundir
 
-SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
-         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
+SHAPE = TINY_SHAPE
 STEPS = 60
 CMD = [sys.executable, "-m", "jaxlm.cli", "train"]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_SHAPE
 from jax.experimental import io_callback
 
 import jaxlm
@@ -18,10 +19,8 @@ from jaxlm.cli import main
 from jaxlm.data import pipeline
 from jaxlm.train import rundir
 
-SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
-         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8",
-         "optim.warmup_steps=5", "optim.lr=3e-3", "train.log_every=1", "train.eval_every=0",
-         "checkpoint.every=10", "run.quiet=true", "train.max_bad_steps=3"]
+SHAPE = [*TINY_SHAPE, "optim.warmup_steps=5", "optim.lr=3e-3", "train.log_every=1",
+         "train.eval_every=0", "checkpoint.every=10", "run.quiet=true", "train.max_bad_steps=3"]
 STEPS, BAD_POSITION = 40, 24
 
 

@@ -3,14 +3,13 @@
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_MODEL
 
 from jaxlm import config as config_lib
 from jaxlm import setup, sharding
 from jaxlm.config import ConfigError
 
-SMALL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
-         "model.vocab_size=64", "model.max_seq_len=32", "train.seq_len=32",
-         "train.batch_size=8"]
+SMALL = TINY_MODEL
 
 
 def test_masked_lm_evaluation_masks_each_batch_differently_and_every_time_alike():

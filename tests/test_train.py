@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_SHAPE
 
 import jaxlm
 from jaxlm import sharding
@@ -18,8 +19,7 @@ from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
 from jaxlm.train.state import init_state, state_shardings
 
-SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
-         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
+SHAPE = TINY_SHAPE
 
 
 def corpus(tmp: Path) -> Path:

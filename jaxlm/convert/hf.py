@@ -16,10 +16,23 @@ from jaxlm.convert import ConversionError, family_module
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """config.json of an HF directory; ConversionError naming the file when it is missing,
+    unreadable, or not a JSON object with a model_type."""
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise ConversionError(f"'{hf_dir}' is not an HF model directory (no config.json)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ConversionError(f"'{path}' is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConversionError(f"cannot read '{path}': {e.strerror}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"'{path}' must hold a JSON object, not a "
+                              f"{type(config).__name__}")
+    if not isinstance(config.get("model_type"), str):
+        raise ConversionError(f"'{path}' has no model_type string; is it an HF model config?")
+    return config
 
 
 def read_tensors(hf_dir: str | Path) -> dict[str, np.ndarray]:

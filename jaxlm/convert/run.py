@@ -58,24 +58,6 @@ def _publish(tmp: Path, out: Path) -> Path:
     return out
 
 
-def _hf_config(hf_dir: Path) -> dict[str, Any]:
-    """config.json of an HF directory; ConversionError naming the file when it is not a JSON
-    object with a model_type."""
-    path = hf_dir / "config.json"
-    try:
-        hf_config = read_hf_config(hf_dir)
-    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
-        raise ConversionError(f"'{path}' is not valid JSON ({e})") from None
-    except OSError as e:
-        raise ConversionError(f"cannot read '{path}': {e.strerror}") from None
-    if not isinstance(hf_config, dict):
-        raise ConversionError(f"'{path}' must hold a JSON object, not a "
-                              f"{type(hf_config).__name__}")
-    if not isinstance(hf_config.get("model_type"), str):
-        raise ConversionError(f"'{path}' has no model_type string; is it an HF model config?")
-    return hf_config
-
-
 def run_config(hf_config: dict[str, Any], name: str, overrides: list[str] | None = None
                ) -> Config:
     """The run's Config: model fields from the HF config, schema defaults elsewhere, then
@@ -144,7 +126,7 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path,
     """Converts an HF model directory into a new jaxlm run directory `out_dir`."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     _check_out(out)
-    hf_config = _hf_config(hf_dir)
+    hf_config = read_hf_config(hf_dir)
     cfg = run_config(hf_config, hf_dir.resolve().name, overrides)
     try:
         tensors = read_tensors(hf_dir)
