@@ -101,9 +101,10 @@ class Checkpointer:
             return
         if meta is None:
             return
-        saved_params = getattr(meta, "params", None)
-        if saved_params is None and isinstance(meta, dict):
-            saved_params = meta.get("params")
+        try:  # orbax's tree metadata is a mapping, but not a dict
+            saved_params = meta["params"]
+        except (KeyError, TypeError):
+            saved_params = getattr(meta, "params", None)
         if saved_params is None:
             return
         problem = _shape_mismatch(abstract_state.params, saved_params)

@@ -3,6 +3,7 @@ for the session (subprocesses inherit it), so identical train steps compile once
 
 import os
 import tempfile
+from pathlib import Path
 
 # CPU only, also where the [tpu] extra installed libtpu (`jaxlm compile` describes TPU
 # topologies through it without initialising a TPU backend).
@@ -15,6 +16,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -24,3 +27,23 @@ TINY_SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "mo
               "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
 # The same with a 64-id vocabulary, for tests that feed token ids by hand.
 TINY_MODEL = [*TINY_SHAPE, "model.vocab_size=64"]
+
+
+def corpus(tmp: Path) -> Path:
+    """A small speaker-tagged text file (400 short lines of ten words) to train on."""
+    lines = []
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "my", "lord", "and", "the", "king", "shall", "speak", "love"]
+    for i in range(400):
+        lines.append(f"SPEAKER{i % 3}:\n" + " ".join(rng.choice(words, 8)) + ".\n")
+    path = tmp / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/e2e/ drive the CLI, whole runs or several processes: marked `e2e`
+    (`pytest -m "not e2e"` runs the unit tests alone)."""
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.e2e)

@@ -193,15 +193,19 @@ def test_seq2seq_cached_decoding_equals_full_recompute(preset, extra):
 def _beam_search_full(model, params, src_BS, valid_BS, start_id, eos_id, beams, max_new,
                       length_penalty):
     """The same beam search, in Python, rerunning the whole decoder over each beam's prefix
-    at every step (no cache, no reordering): the reference for the cached one."""
+    at every step (no cache, no reordering): the reference for the cached one. The prefix
+    sits at the start of one fixed-size buffer (causal, so the tail is never read)."""
     enc = model.apply({"params": params}, src_BS, src_padding_mask_BS=valid_BS,
                       method="encode")
+    decode = jax.jit(lambda tgt, enc_b, valid_b: model.apply(
+        {"params": params}, tgt, enc_b, src_padding_mask_BS=valid_b, method="decode"))
     out = []
     for b in range(src_BS.shape[0]):
         def logp(prefix, b=b):
-            logits = model.apply({"params": params}, jnp.asarray([prefix]), enc[b:b + 1],
-                                 src_padding_mask_BS=valid_BS[b:b + 1], method="decode")
-            return np.asarray(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32)))
+            buf = np.zeros((1, max_new + 1), np.int32)
+            buf[0, :len(prefix)] = prefix
+            logits = decode(jnp.asarray(buf), enc[b:b + 1], valid_BS[b:b + 1])
+            return np.asarray(jax.nn.log_softmax(logits[0, len(prefix) - 1].astype(jnp.float32)))
 
         live = [(0.0, [start_id])]
         finished = []  # (normalised score, ids)

@@ -3,10 +3,8 @@ and the bottleneck report of `jaxlm profile`."""
 
 import itertools
 import json
-import sys
 import time
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -167,8 +165,7 @@ def test_layer_flags():
 
 @pytest.fixture(scope="module")
 def exploding_run(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import corpus
+    from conftest import corpus
 
     tmp = tmp_path_factory.mktemp("explode")
     run = tmp / "run"

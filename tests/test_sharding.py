@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import sharding
+from jaxlm import setup, sharding
 from jaxlm.config import ConfigError, MeshConfig
 from jaxlm.data.pipeline import LMBatches
-from jaxlm.families.registry import build_model
-from jaxlm.objectives import causal_lm_loss
-from jaxlm.optim import lr_schedule, make_optimizer
-from jaxlm.train.state import init_state, state_shardings
-from jaxlm.train.step import jit_train_step, make_train_step
 
 SHAPE = ["model.num_layers=2", "model.d_model=64", "model.num_heads=8", "model.d_ff=128",
          "model.vocab_size=128", "model.max_seq_len=32", "train.seq_len=32",
@@ -33,25 +28,19 @@ def _tokens():
 def train(mesh_shape, extra=(), steps=STEPS, devices=None, loss_mask=None):
     """`steps` train steps on `mesh_shape`; `loss_mask` [batch, seq_len], if given, replaces
     the all-ones loss mask of every batch."""
-    cfg = config_lib.load(None, SHAPE + list(extra))
-    devices = devices or jax.devices()
-    mesh = sharding.make_mesh(MeshConfig(*mesh_shape), devices)
-    sharding.check_model_fits_mesh(cfg.model, mesh)
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, steps)
+    data, fsdp, tensor = mesh_shape
+    cfg = config_lib.load(None, [*SHAPE, *extra, f"train.steps={steps}", f"mesh.data={data}",
+                                 f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
+    s = setup.build(cfg, devices=devices)
     batches = LMBatches(_tokens(), cfg.train.seq_len, cfg.train.batch_size, seed=0)
-    with jax.set_mesh(mesh):
-        _, shardings = state_shardings(model, tx, mesh)
-        state = init_state(model, tx, mesh, seed=0)
-        step = jit_train_step(
-            make_train_step(model, tx, lr_schedule(cfg.optim, steps), loss_fn=causal_lm_loss,
-                            grad_accum_steps=cfg.optim.grad_accum_steps), shardings, mesh)
+    state, step = s.init_state(), s.train_step
+    with jax.set_mesh(s.mesh):
         losses = []
         for i in range(steps):
             batch = batches.batch(i)
             if loss_mask is not None:
                 batch = batch.replace(loss_mask=loss_mask)
-            state, m = step(state, sharding.host_batch_to_global(batch, mesh))
+            state, m = step(state, sharding.host_batch_to_global(batch, s.mesh))
             losses.append(m["loss"])
         params = jax.device_get(state.params)
     return np.array(jax.device_get(losses)), params, step, state
@@ -78,19 +67,14 @@ def test_every_mesh_gives_the_same_run(single_device, mesh_shape):
 
 def test_fsdp_shards_params_and_optimizer_state():
     def state_bytes(mesh_shape, devices):
-        cfg = config_lib.load(None, SHAPE)
-        mesh = sharding.make_mesh(MeshConfig(*mesh_shape), devices)
-        model = build_model(cfg.model)
-        tx = make_optimizer(cfg.optim, 10)
-        with jax.set_mesh(mesh):
-            abstract, shardings = state_shardings(model, tx, mesh)
-            step = jit_train_step(make_train_step(model, tx, lr_schedule(cfg.optim, 10)),
-                                  shardings, mesh)
-            batch = {k: jax.ShapeDtypeStruct((16, 32), dt, sharding=sharding.batch_sharding(mesh))
-                     for k, dt in [("inputs", np.int32), ("targets", np.int32),
-                                   ("loss_mask", np.float32)]}
-            compiled = step.lower(abstract, batch).compile()
-        batch_bytes = sum(16 * 32 * 4 for _ in batch) / mesh_shape[0] / mesh_shape[1]
+        data, fsdp, tensor = mesh_shape
+        cfg = config_lib.load(None, [*SHAPE, "train.steps=10", f"mesh.data={data}",
+                                     f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"])
+        s = setup.build(cfg, devices=devices)
+        batch = s.abstract_batch()
+        compiled = s.lower().compile()
+        batch_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) / (
+            data * fsdp)
         return compiled.memory_analysis().argument_size_in_bytes - batch_bytes
 
     one = state_bytes((1, 1, 1), jax.devices()[:1])

@@ -16,7 +16,7 @@ import jaxlm
 from jaxlm.data.pipeline import LMBatches
 from jaxlm.train import rundir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
          "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8"]
 

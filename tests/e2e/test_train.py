@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_SHAPE
+from conftest import TINY_SHAPE, corpus
 
 import jaxlm
 from jaxlm import sharding
@@ -20,17 +20,6 @@ from jaxlm.train import rundir
 from jaxlm.train.state import init_state, state_shardings
 
 SHAPE = TINY_SHAPE
-
-
-def corpus(tmp: Path) -> Path:
-    lines = []
-    rng = np.random.default_rng(0)
-    words = ["thou", "art", "my", "lord", "and", "the", "king", "shall", "speak", "love"]
-    for i in range(400):
-        lines.append(f"SPEAKER{i % 3}:\n" + " ".join(rng.choice(words, 8)) + ".\n")
-    path = tmp / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -147,11 +147,12 @@ def test_eval_max_new_tokens_bounds_the_outputs(mt_run):
 def test_generate_with_beams_from_the_cli(mt_run, capsys, monkeypatch):
     """`generate --beams 3` prints the best hypothesis of a beam search of width 3, and
     `--temperature 0` the greedy one: those a plain Python search finds that reruns the
-    whole decoder over every prefix (on the source ids and start token the CLI used)."""
+    whole decoder over every prefix (on the source ids and start token the CLI used). The
+    prompt is one for which this run's beam search and greedy decoding differ."""
     import jaxlm
     import jaxlm.generate
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the unit tests' folder
     from test_generate import _beam_search_full
 
     calls = []
@@ -164,8 +165,8 @@ def test_generate_with_beams_from_the_cli(mt_run, capsys, monkeypatch):
     monkeypatch.setattr(jaxlm.generate, "generate_seq2seq_ids", spy)
     out = {}
     for name, flags in (("beam", ["--beams", "3"]), ("greedy", ["--temperature", "0"])):
-        assert main(["generate", "--run", str(mt_run), "--prompt", "two three", *flags,
-                     "--max-new-tokens", "30"]) == 0
+        assert main(["generate", "--run", str(mt_run), "--prompt", "four one two three",
+                     *flags, "--max-new-tokens", "30"]) == 0
         out[name] = capsys.readouterr().out.strip()
     tok = jaxlm.load(mt_run).tokenizer
     for (model, params, sources, kw), name in zip(calls, ("beam", "greedy"), strict=True):

@@ -18,7 +18,7 @@ from jaxlm import distributed
 from jaxlm.config import ConfigError
 from jaxlm.distributed import DistributedSpec, detect, expand_nodelist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
 
 
