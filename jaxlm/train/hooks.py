@@ -120,7 +120,8 @@ class ProgressBar(Hook):
 
 class Log(Every):
     """Fetches the metrics of the interval (one host sync per log step) and writes a row:
-    loss, lr, grad_norm, tokens/s, MFU, bad steps."""
+    loss, lr, grad_norm, tokens/s, MFU, bad steps. Owns the metrics writer the other hooks
+    share, and closes it (with its trackers) when the loop ends."""
 
     def __init__(self, cfg: Config, writer: MetricsWriter, summary: Summary, bar: Any,
                  flops_per_token: float, peak_flops: float) -> None:
@@ -152,6 +153,9 @@ class Log(Every):
             say(f"step {p.step}/{p.total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                 f"grad_norm {row['grad_norm']:.3f} tokens/s {tps:,.0f}", self.cfg.run.quiet)
         self.restart_clock()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class Health(Hook):

@@ -113,20 +113,7 @@ def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,
 
     return [hooks.Preemption(cfg.train.log_every), hooks.ProgressBar(bar), log, health,
             hooks.Evaluate(cfg, evaluate, writer, summary, bar, log),
-            hooks.Checkpoint(cfg, ckpt, health), _Closing(writer)]
-
-
-class _Closing(hooks.Hook):
-    """Closes the metrics writer (and its trackers) when the loop ends."""
-
-    def __init__(self, writer: rundir.MetricsWriter) -> None:
-        self.writer = writer
-
-    def due(self, p: Progress) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.writer.close()
+            hooks.Checkpoint(cfg, ckpt, health)]
 
 
 def _finish(cfg: Config, summary: Summary, ckpt: Checkpointer, run_dir: Path, p: Progress,
