@@ -11,6 +11,9 @@ import jax.numpy as jnp
 
 from jaxlm.data.batch import LMBatch, MLMBatch, Seq2SeqBatch
 
+# loss(apply_fn, params, batch, *, rng, deterministic) -> (mean loss, sums for metrics)
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
 
 def cross_entropy(
     logits_BTV: jax.Array,

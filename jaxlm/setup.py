@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from jaxlm import sharding
 from jaxlm.config import Config, ConfigError
-from jaxlm.data.batch import Batch, abstract
+from jaxlm.data.batch import Batch
 from jaxlm.families import registry
 from jaxlm.families.spec import FamilySpec
 from jaxlm.optim import lr_schedule, make_optimizer
@@ -53,8 +53,8 @@ class StepSetup:
     def abstract_batch(self) -> Batch:
         """The training batch as sharded ShapeDtypeStructs (for lowering and tracing)."""
         host = self.synthetic_batch(np.random.default_rng(0))
-        return jax.tree.map(lambda x: abstract(x, sharding.batch_sharding(self.mesh, x.ndim)),
-                            host)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=sharding.batch_sharding(self.mesh, x.ndim)), host)
 
     def lower(self) -> Any:
         """The train step lowered on abstract inputs (nothing allocated): `.compile()` it for

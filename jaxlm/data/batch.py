@@ -56,12 +56,6 @@ def take_rows(batch: Batch, rows: np.ndarray) -> Batch:
     return jax.tree.map(lambda x: x[rows], batch)
 
 
-def abstract(batch: Batch, sharding: Any = None) -> Batch:
-    """ShapeDtypeStructs of a batch's fields (optionally placed with `sharding`)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        batch)
-
-
 def shift_right(tgt: np.ndarray, start_id: int) -> np.ndarray:
     """The decoder input of teacher forcing: `start_id`, then the target without its end."""
     return np.concatenate([np.full((tgt.shape[0], 1), start_id, tgt.dtype), tgt[:, :-1]], 1)

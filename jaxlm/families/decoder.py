@@ -10,7 +10,12 @@ import flax.linen as nn
 from jaxlm import objectives, perf
 from jaxlm.data.batch import LMBatch
 from jaxlm.families import schema
-from jaxlm.families.spec import FamilySpec, attention_width, kernel_flops
+from jaxlm.families.spec import (
+    FamilySpec,
+    attention_width,
+    cross_entropy_options,
+    kernel_flops,
+)
 
 
 class DecoderSpec(FamilySpec):
@@ -26,9 +31,7 @@ class DecoderSpec(FamilySpec):
         return DecoderLM(model_cfg)
 
     def loss_fn(self, cfg, *, mask_id=None):
-        return functools.partial(objectives.causal_lm_loss,
-                                 label_smoothing=cfg.train.label_smoothing,
-                                 z_loss=cfg.train.z_loss)
+        return functools.partial(objectives.causal_lm_loss, **cross_entropy_options(cfg))
 
     def from_windows(self, windows: LMBatch, start_id: int) -> LMBatch:
         return windows

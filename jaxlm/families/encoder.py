@@ -10,7 +10,13 @@ import flax.linen as nn
 from jaxlm import objectives, perf
 from jaxlm.data.batch import LMBatch, MLMBatch
 from jaxlm.families import schema
-from jaxlm.families.spec import FamilySpec, attention_width, kernel_flops, synthetic_vocab
+from jaxlm.families.spec import (
+    FamilySpec,
+    attention_width,
+    cross_entropy_options,
+    kernel_flops,
+    synthetic_vocab,
+)
 
 
 class EncoderSpec(FamilySpec):
@@ -31,8 +37,7 @@ class EncoderSpec(FamilySpec):
             mask_id = synthetic_vocab(cfg)
         return functools.partial(objectives.masked_lm_loss, mask_id=mask_id,
                                  vocab_size=cfg.model.vocab_size, rate=cfg.train.mlm_rate,
-                                 label_smoothing=cfg.train.label_smoothing,
-                                 z_loss=cfg.train.z_loss)
+                                 **cross_entropy_options(cfg))
 
     def from_windows(self, windows: LMBatch, start_id: int) -> MLMBatch:
         return MLMBatch(inputs=windows.inputs, loss_mask=windows.loss_mask)

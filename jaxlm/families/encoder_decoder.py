@@ -13,7 +13,13 @@ import numpy as np
 from jaxlm import objectives, perf
 from jaxlm.data.batch import LMBatch, Seq2SeqBatch, seq2seq_batch
 from jaxlm.families import schema
-from jaxlm.families.spec import FamilySpec, attention_width, kernel_flops, synthetic_vocab
+from jaxlm.families.spec import (
+    FamilySpec,
+    attention_width,
+    cross_entropy_options,
+    kernel_flops,
+    synthetic_vocab,
+)
 
 
 class EncoderDecoderSpec(FamilySpec):
@@ -33,9 +39,7 @@ class EncoderDecoderSpec(FamilySpec):
         return tokens, tokens
 
     def loss_fn(self, cfg, *, mask_id=None):
-        return functools.partial(objectives.seq2seq_loss,
-                                 label_smoothing=cfg.train.label_smoothing,
-                                 z_loss=cfg.train.z_loss)
+        return functools.partial(objectives.seq2seq_loss, **cross_entropy_options(cfg))
 
     def from_windows(self, windows: LMBatch, start_id: int) -> Seq2SeqBatch:
         """Continuation: the encoder reads the first half of each window (plus its next

@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import flax.linen as nn
 import numpy as np
 
-from jaxlm import perf
+from jaxlm import objectives, perf
 from jaxlm.data.batch import Batch, LMBatch
 
 if TYPE_CHECKING:
     from jaxlm.config import Config, ModelConfig
 
-LossFn = Callable[..., Any]
 
 
 class FamilySpec:
@@ -49,7 +48,7 @@ class FamilySpec:
         return (tokens,)
 
     # ------------------------------------------------------------------ objective
-    def loss_fn(self, cfg: Config, *, mask_id: int | None = None) -> LossFn:
+    def loss_fn(self, cfg: Config, *, mask_id: int | None = None) -> objectives.LossFn:
         """loss(apply_fn, params, batch, *, rng, deterministic) -> (loss, aux sums)."""
         raise NotImplementedError
 
@@ -78,10 +77,6 @@ class FamilySpec:
                           "call it on token ids for logits")
 
     # ------------------------------------------------------------------ FLOPs
-    def tokens_per_example(self, cfg: Config) -> dict[str, int]:
-        """Positions each part of the model processes per training example."""
-        return {"tokens": cfg.train.seq_len}
-
     def flops_per_example(self, cfg: Config, params: Any, causal_halved: bool) -> float:
         raise NotImplementedError
 
@@ -91,6 +86,11 @@ class FamilySpec:
         `causal_halved=False`, every causal or banded layer is counted dense, as a dense
         kernel executes it: the figure equal to the traced step's matmul FLOPs."""
         return self.flops_per_example(cfg, params, causal_halved) / cfg.train.seq_len
+
+
+def cross_entropy_options(cfg: Config) -> dict[str, float]:
+    """The train.* settings every objective's cross entropy takes."""
+    return {"label_smoothing": cfg.train.label_smoothing, "z_loss": cfg.train.z_loss}
 
 
 def synthetic_vocab(cfg: Config) -> int:

@@ -13,9 +13,9 @@ from jax.sharding import Mesh
 
 from jaxlm import sharding
 from jaxlm.data.batch import Batch
+from jaxlm.objectives import LossFn
 from jaxlm.train.state import TrainState
 
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 # Evaluation draws its randomness (the masked-LM masks) from this key folded with the batch
 # index: the same masks at every evaluation, different ones for each batch.
 EVAL_SEED = 0
