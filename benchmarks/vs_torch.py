@@ -1,5 +1,6 @@
-"""jaxlm against HF transformers' PyTorch GPT-2 + torch.optim.AdamW on workload W, A/B in one
-process, plus the float32 matmul ceiling of this machine measured in the same run.
+"""jaxlm against HF transformers' PyTorch GPT-2 + torch.optim.AdamW and against a plain Flax
+step written by hand (benchmarks/plain_flax_w.py) on workload W, alternating in one process,
+plus the float32 matmul ceiling of this machine measured in the same run.
 
 Workload W: GPT-2 shape, 4 layers, d_model 256, 4 heads, d_ff 1024, vocab 8192, seq 256,
 global batch 16, float32, AdamW (lr 3e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1) with
@@ -8,11 +9,12 @@ the same batches.
 
     python benchmarks/vs_torch.py [--rounds 5 --steps 10 --warmup 3 --json out.json]
 
-Rounds alternate jaxlm, torch, jaxlm, torch...; each round times `steps` steps (jaxlm: wall
-time to the last step's result; torch: wall time of forward+backward+clip+step). Reported:
-median tokens/s over rounds per side, their ratio, and achieved model FLOP/s (PaLM formula,
-the family's `flops_per_token` via jaxlm.setup) as a fraction of the best float32 matmul
-FLOP/s (jax or torch) measured here.
+Each round times `steps` steps of every system, the order rotated from round to round (jax
+sides: wall time to the last step's result; torch: wall time of forward+backward+clip+step);
+the load average is recorded before each round. Reported: median tokens/s over rounds per
+system, jaxlm's ratio to each other, and achieved model FLOP/s (PaLM formula, the family's
+`flops_per_token` via jaxlm.setup) as a fraction of the best float32 matmul FLOP/s (jax or
+torch) measured here.
 """
 
 from __future__ import annotations
@@ -26,16 +28,8 @@ import time
 
 import jax
 import numpy as np
-
-L, D, H, F, V, T, B = 4, 256, 4, 1024, 8192, 256, 16
-LR, BETAS, EPS, WD, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
-OVERRIDES = [f"model.num_layers={L}", f"model.d_model={D}", f"model.num_heads={H}",
-             f"model.d_ff={F}", f"model.vocab_size={V}", f"model.max_seq_len={T}",
-             f"train.seq_len={T}", f"train.batch_size={B}", "model.dtype=float32",
-             "model.tie_embeddings=true", "model.dropout=0.0", "mesh.data=1",
-             f"optim.lr={LR}", f"optim.b1={BETAS[0]}", f"optim.b2={BETAS[1]}",
-             f"optim.eps={EPS}", f"optim.weight_decay={WD}", f"optim.clip_norm={CLIP}",
-             "optim.warmup_steps=0", "train.steps=100000"]
+from plain_flax_w import PlainRunner
+from workload_w import BETAS, CLIP, EPS, LR, OVERRIDES, WD, B, D, F, H, L, T, V, load_average
 
 
 def make_jaxlm(extra: list[str]):
@@ -122,6 +116,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _alternate(runs: dict, rounds: int, steps: int, tokens: int) -> tuple[dict, list]:
+    """tokens/s of every system per round, the order rotated each round; and the loads."""
+    tps: dict[str, list[float]] = {k: [] for k in runs}
+    loads = []
+    names = list(runs)
+    for r in range(rounds):
+        loads.append(load_average())
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            tps[name].append(tokens / runs[name](steps))
+        print(f"round {r + 1} (load {loads[-1]:.1f}): " + "   ".join(
+            f"{k} {v[-1]:,.0f}" for k, v in tps.items()) + " tok/s", flush=True)
+    return tps, loads
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -138,17 +146,13 @@ def main() -> None:
     compiled = make_jaxlm(args.overrides)
     rng = np.random.default_rng(0)
     batches = [compiled.setup.synthetic_batch(rng) for _ in range(4)]  # typed LMBatch
+    plain = PlainRunner([(b.inputs, b.targets) for b in batches])
     model, opt = make_torch()
-    jaxlm_round(compiled, batches, args.warmup)
-    torch_round(model, opt, batches, args.warmup)
-
-    tokens = B * T * args.steps
-    tps: dict[str, list[float]] = {"jaxlm": [], "torch": []}
-    for r in range(args.rounds):
-        tps["jaxlm"].append(tokens / jaxlm_round(compiled, batches, args.steps))
-        tps["torch"].append(tokens / torch_round(model, opt, batches, args.steps))
-        print(f"round {r + 1}: jaxlm {tps['jaxlm'][-1]:,.0f} tok/s   "
-              f"torch {tps['torch'][-1]:,.0f} tok/s", flush=True)
+    runs = {"jaxlm": lambda n: jaxlm_round(compiled, batches, n), "plain_flax": plain.round,
+            "torch": lambda n: torch_round(model, opt, batches, n)}
+    for run in runs.values():
+        run(args.warmup)
+    tps, loads = _alternate(runs, args.rounds, args.steps, B * T * args.steps)
     ceiling = matmul_ceiling()
     med = {k: statistics.median(v) for k, v in tps.items()}
     fpt = compiled.setup.flops_per_token()
@@ -156,17 +160,20 @@ def main() -> None:
     result = {
         "workload": "W", "overrides": args.overrides,
         "tokens_per_sec": med, "ratio": med["jaxlm"] / med["torch"],
-        "rounds": tps, "flops_per_token": fpt,
+        "ratio_to_plain_flax": med["jaxlm"] / med["plain_flax"],
+        "rounds": tps, "load_before_rounds": loads, "flops_per_token": fpt,
         "matmul_ceiling_flops": ceiling, "ceiling_tokens_per_sec": peak / fpt,
         "fraction_of_ceiling": {k: v * fpt / peak for k, v in med.items()},
         "machine": f"{_cpu_model()}, {os.cpu_count()} cores, torch threads "
-                   f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}",
+                   f"{torch.get_num_threads()}, load average {min(loads):.1f}-"
+                   f"{max(loads):.1f}",
         "versions": {"jax": jax.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python":
                      platform.python_version()},
     }
-    print(f"\njaxlm {med['jaxlm']:,.0f} tok/s   torch {med['torch']:,.0f} tok/s   "
-          f"ratio {result['ratio']:.2f}×")
+    print("\n" + "   ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items())
+          + f"   jaxlm/torch {result['ratio']:.2f}×   jaxlm/plain "
+          f"{result['ratio_to_plain_flax']:.2f}×")
     print(f"matmul ceiling (float32): jax {ceiling['jax'] / 1e9:.0f} GFLOP/s, torch "
           f"{ceiling['torch'] / 1e9:.0f} GFLOP/s -> {peak / fpt:,.0f} tok/s at "
           f"{fpt / 1e6:.1f} MFLOP/token")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,16 +10,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer, CheckpointError, restore_params, save_params
-from jaxlm.config import Config, MeshConfig
+from jaxlm import sharding, weights
+from jaxlm.checkpoint import CheckpointError, save_params
+from jaxlm.config import Config, ConfigError, MeshConfig
 from jaxlm.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 from jaxlm.families import registry
 from jaxlm.generate import unrolled_for_decoding
-from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
-from jaxlm.train.state import param_shardings, state_shardings
 
 
 class LM:
@@ -72,11 +72,10 @@ class LM:
         return self._decoding[1], self._decoding[2]
 
 
-EXPORT_PARAMS_DIR = "params"
-
-
-def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
-    """Writes a params-only copy of a run (config.yaml, tokenizer/, params/) for inference."""
+def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, *,
+           dtype: str | None = None) -> Path:
+    """Writes a params-only copy of a run (config.yaml, tokenizer/, params/) for inference,
+    its parameters in `dtype` (default: the run's model.param_dtype)."""
     import shutil
 
     out = Path(out_dir)
@@ -84,55 +83,51 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
         raise CheckpointError(f"'{out}' is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"'{out}' exists and is not empty; choose a new directory")
-    lm = load(run_dir, step)
+    lm = load(run_dir, step, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_config(out, lm.config)
     src_tok = Path(run_dir) / rundir.TOKENIZER_DIR
     if src_tok.exists():
         shutil.copytree(src_tok, out / rundir.TOKENIZER_DIR)
-    save_params(out / EXPORT_PARAMS_DIR, lm.params)
+    save_params(out / weights.EXPORT_PARAMS_DIR, lm.params)
     return out
 
 
-def load(path: str | Path, step: int | None = None) -> LM:
+def _mesh_and_rules(cfg: Config, mesh: Mesh | MeshConfig | None) -> tuple[Mesh, Any]:
+    if isinstance(mesh, Mesh):
+        return mesh, sharding.logical_rules(cfg.mesh)
+    if mesh is None:
+        return sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1]), \
+            sharding.logical_rules(cfg.mesh)
+    return sharding.make_mesh(mesh), sharding.logical_rules(mesh)
+
+
+def load(path: str | Path, step: int | None = None, *, dtype: str | None = None,
+         mesh: Mesh | MeshConfig | None = None) -> LM:
     """Loads a jaxlm run directory (newest checkpoint, or `step`), a params-only export
-    (`jaxlm export`) or an HF model directory (config.json + safetensors), with its
-    tokenizer."""
+    (`jaxlm export`) or an HF model directory (config.json + safetensors, one file or shards
+    with an index), with its tokenizer.
+
+    `dtype` ('float32' | 'bfloat16'): the parameters' and the computation's dtype (default:
+    the run's; float32 for an HF directory). `mesh` (a jax Mesh, or a MeshConfig over all
+    devices): the parameters are placed straight into their shardings on it by the
+    logical-axis rules (default: one device). HF safetensors are read one tensor at a time,
+    converted to `dtype` on the way, never the whole model in float32 on the host."""
     path = Path(path)
-    if not (path / rundir.CONFIG_FILE).exists() and (path / "config.json").exists():
-        return _load_hf(path)
-    cfg = rundir.load_config(path)
-    tok_dir = path / rundir.TOKENIZER_DIR
+    kind = weights.kind_of(path)
+    if kind == "hf":
+        cfg = Config(model=weights.model_config_of(path), name=path.name)
+    else:
+        cfg = rundir.load_config(path)
+    if dtype is not None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={dtype!r}: choose float32 or bfloat16")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype,
+                                                                 param_dtype=dtype))
+    the_mesh, rules = _mesh_and_rules(cfg, mesh)
+    sharding.check_model_fits_mesh(cfg.model, the_mesh)
+    target = weights.target_params(cfg.model, the_mesh, rules)
+    params = weights.read_params(path, cfg.model, target, step)
+    tok_dir = weights.tokenizer_dir(path)
     # A run converted from an HF directory without tokenizer files has none: ids only.
-    tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = registry.of(cfg.model).build_model(cfg.model)
-    if (path / EXPORT_PARAMS_DIR).exists():
-        with jax.set_mesh(mesh):
-            abstract_params, shardings = param_shardings(model, mesh)
-            target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  abstract_params, shardings)
-            return LM(cfg, restore_params(path / EXPORT_PARAMS_DIR, target), tokenizer)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    with jax.set_mesh(mesh):
-        abstract, _ = state_shardings(model, tx, mesh)
-        ckpt = Checkpointer(path / rundir.CHECKPOINT_DIR, async_save=False)
-        try:
-            _, state, _ = ckpt.restore(abstract, step)
-        finally:
-            ckpt.close()
-    if state is None:
-        raise CheckpointError(f"no checkpoint in {path}")
-    return LM(cfg, state.params, tokenizer)
-
-
-def _load_hf(path: Path) -> LM:
-    from jaxlm.convert.hf import load_hf
-
-    model_cfg, params = load_hf(path)
-    cfg = Config(model=model_cfg, name=path.name)
-    try:
-        tokenizer = load_tokenizer(path)
-    except ValueError:  # an HF directory without tokenizer files: ids only
-        tokenizer = None
-    return LM(cfg, jax.tree.map(jnp.asarray, params), tokenizer)
+    return LM(cfg, params, load_tokenizer(tok_dir) if tok_dir is not None else None)

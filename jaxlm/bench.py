@@ -162,11 +162,10 @@ def cost_analysis_flops(setup: Compiled) -> float:
     return perf.cost_flops(counting_executable(setup), setup.mesh.size)
 
 
-def optimizer_flops(setup: Compiled) -> float:
+def optimizer_flops(setup: StepSetup) -> float:
     """XLA's FLOPs for the optimizer update alone (clip + AdamW), summed over the devices:
     with replicated parameters every data-parallel replica does the whole update."""
-    tx = setup.setup.tx
-    a = setup.setup.abstract_state
+    tx, a = setup.tx, setup.abstract_state
 
     def update(grads, opt_state, params):
         updates, new_opt = tx.update(grads, opt_state, params)
@@ -186,7 +185,7 @@ def summarize(setup: Compiled, times: dict[str, list[float]]) -> BenchResult:
     fpt = setup.setup.flops_per_token()
     peak, _, source = perf.device_peak(cfg.model.dtype, setup.mesh.devices.flat[0])
     cost_fpt = cost_analysis_flops(setup) / tokens
-    opt_fpt = optimizer_flops(setup) / tokens
+    opt_fpt = optimizer_flops(setup.setup) / tokens
     return BenchResult(
         preset=cfg.model.preset, family=cfg.model.family,
         params=count_params(setup.setup.abstract_state.params),

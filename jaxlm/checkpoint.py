@@ -119,6 +119,51 @@ class Checkpointer:
         self.manager.close()
 
 
+def _saved_params(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The params subtree of a step's saved state metadata, or None if unreadable."""
+    try:
+        meta = manager.item_metadata(step)["state"]
+        return meta["params"] if meta is not None else None
+    except Exception:  # metadata layout differs between orbax versions: restore decides
+        return None
+
+
+def restore_state_params(directory: str | Path, abstract_params: Any,
+                         step: int | None = None) -> Any:
+    """The parameters alone of a run's checkpoint (the newest readable one, or `step`),
+    restored onto the shardings and dtypes of `abstract_params`; the optimizer state is not
+    read. None when there is no checkpoint."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        return None
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
+    try:
+        steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        saved = _saved_params(manager, steps[0])
+        problem = _shape_mismatch(abstract_params, saved) if saved is not None else None
+        if problem:
+            raise CheckpointError(f"checkpoint {directory} is of another model: {problem}")
+        item = {"params": abstract_params}
+        args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
+                            item)
+        errors = []
+        for s in steps:
+            try:
+                restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=args, partial_restore=True)))
+                return restored["state"]["params"]
+            except Exception as e:  # orbax/tensorstore raise many types on bad files
+                errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
+        raise CheckpointError(f"no readable checkpoint in {directory}: " + "; ".join(errors))
+    finally:
+        manager.close()
+
+
 def save_params(directory: str | Path, params: Any) -> None:
     """A params-only checkpoint (for inference): `jaxlm export`."""
     with ocp.StandardCheckpointer() as ckptr:

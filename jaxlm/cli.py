@@ -6,13 +6,20 @@ import argparse
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from jaxlm import sampling
+
+if TYPE_CHECKING:
+    from jaxlm.config import Config
 
 EXAMPLES = {
     "train": "jaxlm train train.steps=200 model.num_layers=2 run.dir=runs/quick",
     "generate": 'jaxlm generate --run runs/tiny --prompt "ROMEO:" --max-new-tokens 200',
     "eval": "jaxlm eval --run runs/mt --task translate --beams 4",
-    "prepare": "jaxlm prepare shakespeare",
+    "prepare": "jaxlm prepare --files corpus/ data.tokenizer=path/to/tokenizer",
     "plot": "jaxlm plot runs/tiny runs/longer --out compare.png",
     "runs": "jaxlm runs runs",
     "convert": "jaxlm convert hf2jaxlm --hf path/to/hf_model --out runs/converted",
@@ -47,7 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxlm.train import rundir
 
     overrides = args.overrides + (["run.quiet=true"] if args.quiet else [])
-    cfg, run_dir, _ = rundir.resolve(args.config, overrides)
+    from jaxlm.weights import checkpoint_config
+
+    cfg, run_dir, _ = rundir.resolve(args.config, overrides, read_checkpoint=checkpoint_config)
     if args.print_config:
         print(config_lib.dump(cfg), end="")
         return 0
@@ -58,10 +67,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                                               args.process_id), args.init_timeout)
     import jax
 
+    from jaxlm import compile_cache
     from jaxlm.train.loop import train
     from jaxlm.train.report import format_summary
 
-    summary = train(cfg, run_dir)
+    compile_cache.enable(cfg.run.compile_cache)  # a resume or rerun skips compiling
+    summary = train(cfg, run_dir, None if cfg.run.quiet else sample_prompt(cfg),
+                    started=args.started)
     if not cfg.run.quiet and jax.process_index() == 0:
         print(format_summary(summary, next_command(cfg, run_dir)))
     return 0
@@ -73,23 +85,35 @@ SAMPLE_PROMPTS = {"shakespeare": "ROMEO:"}
 PAIR_TASKS = {"xsum": "summarize", "disfl-qa": "qa"}
 
 
-def next_command(cfg, run_dir) -> str:
-    """The command that shows what a run learned: a task score or a sample."""
+def sample_prompt(cfg) -> str | None:
+    """The prompt a text model's sample continues; None for runs judged by a task score
+    (pair data) and for families that do not continue a prompt."""
     from jaxlm.data.setup import uses_pairs
     from jaxlm.families import registry
 
+    if uses_pairs(cfg) or not registry.of(cfg.model).continues_prompt:
+        return None
+    return SAMPLE_PROMPTS.get(cfg.data.name, "The") if not cfg.data.files else "The"
+
+
+def next_command(cfg, run_dir) -> str:
+    """The command that shows what a run learned: a task score or a sample."""
+    from jaxlm.data.setup import uses_pairs
+
+    prompt = sample_prompt(cfg)
+    if prompt is not None:
+        return f'jaxlm generate --run {run_dir} --prompt "{prompt}"'
     if uses_pairs(cfg):
         task = PAIR_TASKS.get(cfg.data.name, "translate")
         return f"jaxlm eval --run {run_dir} --task {task}"
-    if not registry.of(cfg.model).continues_prompt:
-        return f"jaxlm eval --run {run_dir}"
-    prompt = SAMPLE_PROMPTS.get(cfg.data.name, "The") if not cfg.data.files else "The"
-    return f'jaxlm generate --run {run_dir} --prompt "{prompt}"'
+    return f"jaxlm eval --run {run_dir}"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import jaxlm
+    from jaxlm import compile_cache
 
+    compile_cache.enable()
     lm = jaxlm.load(args.run)
     top_k = min(args.top_k, lm.config.model.vocab_size)  # more than all tokens = all tokens
     texts = lm.generate([args.prompt] * args.num_samples, max_new_tokens=args.max_new_tokens,
@@ -107,6 +131,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxlm import compile_cache
+
+    compile_cache.enable()
     if args.task and args.task != "lm":
         from jaxlm.tasks import evaluate_task
 
@@ -124,13 +151,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """Downloads a named corpus; tokenizes the text a run of these settings would read
+    (the corpus, --files or data.hf_path) into its token stores."""
+    from jaxlm import config as config_lib
     from jaxlm.data.prepare import prepare
+    from jaxlm.data.setup import prepare_stores
 
-    corpus = prepare(args.name, progress=not args.quiet)
-    for split in ("train", "valid", "test"):
-        path = getattr(corpus, split)
-        if path is not None:
-            print(f"{split:6s} {path} ({path.stat().st_size:,} bytes)")
+    name, overrides = args.name, list(args.overrides)
+    if name is not None and "=" in name:  # `prepare key=value ...`: no corpus name
+        name, overrides = None, [name, *overrides]
+    if name is None and not args.files and not any(o.startswith("data.hf_path=")
+                                                   for o in overrides):
+        raise config_lib.ConfigError("the following arguments are required: name (a corpus "
+                                     "name), or --files, or data.hf_path=...")
+    if name is not None:
+        corpus = prepare(name, progress=not args.quiet)
+        for split in ("train", "valid", "test"):
+            path = getattr(corpus, split)
+            if path is not None:
+                print(f"{split:6s} {path} ({path.stat().st_size:,} bytes)")
+        overrides.insert(0, f"data.name={name}")
+    if args.files:
+        overrides.insert(0, "data.files=" + ",".join(args.files))
+    cfg = config_lib.load(args.config, overrides)
+    for split, store in prepare_stores(cfg, quiet=args.quiet).items():
+        print(f"{split:6s} {store.directory} ({store.num_tokens:,} tokens, documents: "
+              f"{store.num_docs:,})")
     return 0
 
 
@@ -140,7 +186,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.direction == "hf2jaxlm":
         out = run.hf_to_run(args.hf, args.out, args.overrides)
     else:
-        out = run.run_to_hf(args.run, args.out)
+        out = run.run_to_hf(args.run, args.out, dtype=args.dtype,
+                            max_shard_bytes=args.max_shard_size)
     print(f"wrote {out}")
     return 0
 
@@ -153,18 +200,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CheckpointError(f"'{args.out}' exists and is not a directory; choose a new one")
-    print(f"wrote {export(args.run, args.out, args.step)} (params only; jaxlm.load reads it)")
+    out = export(args.run, args.out, args.step, dtype=args.dtype)
+    print(f"wrote {out} (params only; jaxlm.load reads it)")
     return 0
+
+
+def _load_config(name: str | None, overrides: list[str]) -> Config:
+    """The config as `jaxlm train` resolves it: with model.init_from, the checkpoint's
+    architecture (jaxlm.weights.checkpoint_config; its weights are not read)."""
+    from jaxlm import config as config_lib
+    from jaxlm.weights import checkpoint_config
+
+    return config_lib.load(name, overrides, read_checkpoint=checkpoint_config)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import json
 
-    from jaxlm import config as config_lib
     from jaxlm.aot import compile_for_topology
 
-    cfg = config_lib.load(args.config, args.overrides)
-    report = compile_for_topology(cfg, args.topology)
+    cfg = _load_config(args.config, args.overrides)
+    report = compile_for_topology(cfg, args.topology, args.slices)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     return 0 if report.fits is not False else 1
 
@@ -172,10 +228,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from jaxlm import config as config_lib
     from jaxlm.bench import bench
 
-    cfg = config_lib.load(args.config, args.overrides)
+    cfg = _load_config(args.config, args.overrides)
     result = bench(cfg, steps=args.steps, warmup=args.warmup)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0
@@ -184,23 +239,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from jaxlm import config as config_lib
     from jaxlm import profile
     from jaxlm.plot import check_figure_path
 
     if args.out:  # refused now rather than after the profile has run
         check_figure_path(args.out, parents_must_exist=True)
+    if args.trace and os.path.exists(args.trace) and not os.path.isdir(args.trace):
+        from jaxlm.config import ConfigError
+
+        raise ConfigError(f"--trace '{args.trace}' is a file; give a folder for the trace")
     if args.run:
         from jaxlm.train import rundir
 
         rundir.load_config(args.run, args.overrides)  # refuses bad overrides (from_run does not)
-        report = profile.from_run(args.run, steps=args.steps, overrides=args.overrides)
+        report = profile.from_run(args.run, steps=args.steps, overrides=args.overrides,
+                                  trace_dir=args.trace)
     else:
-        cfg = config_lib.load(args.config, args.overrides)
-        report = profile.profile(cfg, steps=args.steps)
+        cfg = _load_config(args.config, args.overrides)
+        report = profile.profile(cfg, steps=args.steps, trace_dir=args.trace)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     if args.out:
         print(f"wrote {profile.figure(report, args.out)}", file=sys.stderr)
+    if args.trace:
+        from jaxlm import trace
+
+        print(f"open the trace with {trace.how_to_open(args.trace)}", file=sys.stderr)
     return 0
 
 
@@ -286,6 +349,16 @@ def _float_arg(lo: float | None = None, hi: float | None = None,
 POSITIVE, NON_NEGATIVE, SEED = _int_arg(1), _int_arg(0), _int_arg(0, 2**63)
 
 
+def _size_arg(text: str) -> int:
+    """A size such as 5GB, 500MB, 2GiB or a byte count."""
+    from jaxlm.convert.safetensors_files import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _topology_arg(text: str) -> str:
     """A non-empty topology name (libtpu reads an empty one as its default topology)."""
     if not text.strip():
@@ -303,8 +376,9 @@ def _train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--quiet", action="store_true",
                    help="no progress bar, model summary or final summary (= run.quiet=true)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    d = t.add_argument_group("multi-process runs (default: detected from JAXLM_*/JAX_* "
-                             "coordinator variables, SLURM, or a Cloud TPU VM)")
+    d = t.add_argument_group("multi-process runs (default: JAXLM_*/JAX_* coordinator "
+                             "variables, else the cluster jax.distributed detects: SLURM, "
+                             "Open MPI, Cloud TPU, Kubernetes; JAXLM_DISTRIBUTED=off: one)")
     d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     d.add_argument("--num-processes", type=POSITIVE, metavar="N", help="processes in the run")
     d.add_argument("--process-id", type=NON_NEGATIVE, metavar="I", help="this process, 0..N-1")
@@ -318,11 +392,13 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--run", required=True, help="run directory")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to generate")
-    g.add_argument("--temperature", type=_float_arg(0), default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=NON_NEGATIVE, default=0,
+    # Defaults for readable text (jaxlm.sampling says why); 0 / 0 / 1 samples the raw model.
+    g.add_argument("--temperature", type=_float_arg(0), default=sampling.TEMPERATURE,
+                   help="0 = greedy")
+    g.add_argument("--top-k", type=NON_NEGATIVE, default=sampling.TOP_K,
                    help="keep the k likeliest tokens (0 = all)")
-    g.add_argument("--top-p", type=_float_arg(0, 1, lo_open=True), default=1.0,
-                   help="nucleus sampling mass")
+    g.add_argument("--top-p", type=_float_arg(0, 1, lo_open=True), default=sampling.TOP_P,
+                   help="nucleus sampling mass (1 = all)")
     g.add_argument("--num-samples", type=POSITIVE, default=1, help="samples to draw")
     g.add_argument("--seed", type=SEED, default=0, help="sampling seed")
     g.add_argument("--beams", type=POSITIVE, default=1,
@@ -352,8 +428,16 @@ def _eval_args(e: argparse.ArgumentParser) -> None:
 
 
 def _prepare_args(r: argparse.ArgumentParser) -> None:
-    r.add_argument("name", help="corpus name, e.g. shakespeare")
+    r.add_argument("name", nargs="?", default=None,
+                   help="corpus name, e.g. shakespeare (or use --files / data.hf_path=...)")
+    r.add_argument("--files", action="append", metavar="PATH",
+                   help="text/jsonl files, globs or folders (local or gs://) to tokenize; "
+                        "repeat it or separate with commas")
+    r.add_argument("--config", default=None,
+                   help="config name or YAML path whose data settings to use (tokenizer...)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. data.tokenizer=path/to/tokenizer")
 
 
 def _convert_args(c: argparse.ArgumentParser) -> None:
@@ -372,6 +456,11 @@ def _convert_args(c: argparse.ArgumentParser) -> None:
                               help="jaxlm run (newest checkpoint) -> HF directory")
     j.add_argument("--run", required=True, help="run directory")
     j.add_argument("--out", required=True, help="new HF model directory")
+    j.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the written tensors")
+    j.add_argument("--max-shard-size", type=_size_arg, default="5GB",
+                   help="largest safetensors file; a larger model is written in shards "
+                        "with model.safetensors.index.json (e.g. 5GB, 500MB)")
 
 
 def _export_args(ex: argparse.ArgumentParser) -> None:
@@ -379,11 +468,16 @@ def _export_args(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("--out", required=True, help="new directory")
     ex.add_argument("--step", type=NON_NEGATIVE, default=None,
                     help="checkpoint step (default: newest)")
+    ex.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                    help="dtype of the exported parameters (default: the run's)")
 
 
 def _compile_args(co: argparse.ArgumentParser) -> None:
     co.add_argument("--topology", required=True, type=_topology_arg,
                     help="e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2")
+    co.add_argument("--slices", type=POSITIVE, default=1,
+                    help="slices of that topology joined by DCN (multislice); mesh.dcn_data "
+                         "and mesh.dcn_fsdp say which axes cross them")
     co.add_argument("--config", default=None, help="config name or YAML path; default: tiny")
     co.add_argument("--json", action="store_true", help="print JSON instead of a table")
     co.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -407,6 +501,9 @@ def _profile_args(pf: argparse.ArgumentParser) -> None:
     pf.add_argument("--steps", type=POSITIVE, default=10, help="timed steps")
     pf.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pf.add_argument("--out", default="", metavar="FILE.png", help="also draw a PNG figure")
+    pf.add_argument("--trace", default=None, metavar="DIR",
+                    help="also write a jax.profiler trace of a few more steps to DIR (for "
+                         "XProf / TensorBoard's profile plugin)")
     pf.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
@@ -430,7 +527,8 @@ COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], Non
     ("train", cmd_train, "train a model (resumes if run.dir holds a run)", _train_args),
     ("generate", cmd_generate, "sample text from a trained run", _generate_args),
     ("eval", cmd_eval, "evaluate a run on its held-out data", _eval_args),
-    ("prepare", cmd_prepare, "download, verify and cache a corpus", _prepare_args),
+    ("prepare", cmd_prepare, "download, verify and cache a corpus, and tokenize a corpus "
+     "(or --files, or an HF dataset) into its token store ahead of training", _prepare_args),
     ("convert", cmd_convert, "convert between HF model directories and jaxlm runs",
      _convert_args),
     ("export", cmd_export, "write a params-only copy of a run for inference", _export_args),
@@ -450,10 +548,25 @@ COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], Non
 ]
 
 
+def version_line() -> str:
+    """'jaxlm 0.1.0 (jax 0.10.2, Python 3.11.7)', read without importing jax."""
+    from importlib import metadata
+
+    import jaxlm
+
+    try:
+        jax_version = metadata.version("jax")
+    except metadata.PackageNotFoundError:
+        jax_version = "not installed"
+    return f"jaxlm {jaxlm.__version__} (jax {jax_version}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxlm", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Train, evaluate and sample Transformer language models with JAX.",
                 epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
+    p.add_argument("--version", action="version", version=version_line(),
+                   help="print jaxlm's version (and those of jax and Python) and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, fn, help_text, add_arguments in COMMANDS:
         sp = sub.add_parser(name, help=help_text, description=help_text,
@@ -464,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before JAX is imported (commands import it lazily): a run's wall time and its
+    # train.time_budget count from here.
+    started = time.time()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from jaxlm.train.health import TrainingDiverged
 
@@ -479,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    args.started = started
     try:
         return args.fn(args)
     except _user_errors() as e:

@@ -11,6 +11,7 @@ import difflib
 import importlib.resources
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,31 +46,71 @@ class ModelConfig:
                         "| flash (TPU Pallas) | chunked (O(n) memory) | auto (best for backend)")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16")
     param_dtype: str = _f("float32", "parameter and optimizer-state dtype")
-    norm: str = _f("layernorm", "layernorm | rmsnorm")
+    norm: str = _f("layernorm", "layernorm | rmsnorm | rmsnorm_plus1 (scaled by 1 + w, w "
+                   "starting at 0: Gemma)")
     norm_position: str = _f("pre", "pre (GPT-2/Llama) | post (BERT, original Transformer)")
     norm_eps: float = _f(1e-5, "epsilon of the normalisation layers")
     activation: str = _f("gelu_tanh", "MLP activation: gelu_tanh | gelu | relu | silu")
     gated_mlp: bool = _f(False, "gated MLP (SwiGLU when activation=silu)")
     position: str = _f("learned", "position encoding: learned | rope | sinusoidal | none")
     rope_theta: float = _f(10000.0, "RoPE base frequency")
+    rope_scaling: str = _f("none", "RoPE frequency scaling as HF defines it: none | linear "
+                           "(positions / rope_factor) | dynamic (NTK base growth past "
+                           "max_seq_len) | llama3 (Llama 3.1 wavelength bands)")
+    rope_factor: float = _f(1.0, "rope_scaling's factor (Llama 3.1: 8, Llama 3.2: 32)")
+    rope_low_freq_factor: float = _f(1.0, "llama3 scaling: wavelengths above "
+                                     "rope_original_max_len / this are divided by rope_factor")
+    rope_high_freq_factor: float = _f(4.0, "llama3 scaling: wavelengths below "
+                                      "rope_original_max_len / this are kept")
+    rope_original_max_len: int = _f(0, "llama3 scaling: the pre-training context (Llama 3: "
+                                    "8192); 0 = max_seq_len")
+    qkv_bias: bool = _f(False, "biases on the query/key/value projections even when use_bias "
+                        "is false (Qwen2)")
+    qk_norm: bool = _f(False, "normalise each query and key head (a `norm`-kind norm over "
+                       "head_dim) before RoPE (Qwen3, Gemma 3)")
+    sandwich_norm: bool = _f(False, "pre-norm blocks also normalise each sublayer's output "
+                             "before the residual add (Gemma 2/3)")
+    attention_softcap: float = _f(0.0, "attention logits become cap·tanh(logits / cap) "
+                                  "(Gemma 2: 50); 0 = off")
     use_bias: bool = _f(True, "biases in attention and MLP projections")
     tie_embeddings: bool = _f(True, "output projection shares the token embedding")
     dropout: float = _f(0.0, "dropout rate on residual branches and embeddings")
     scan_layers: bool = _f(True, "stack the blocks with nn.scan (compile time flat in depth)")
     remat: str = _f("none", "rematerialisation policy: none | full | dots_saveable | offload "
                     "(matmul outputs to pinned host memory)")
+    init_from: str = _f("", "start a new run from these weights with a fresh optimizer: an HF "
+                        "model directory, a jaxlm run directory or an export; its model.* "
+                        "fields and tokenizer come with it (a model field set otherwise is "
+                        "refused)")
     init_std: float = _f(0.02, "standard deviation of the normal weight initialiser")
     attention_scale: float = _f(0.0, "attention logit scale; 0 = 1/sqrt(head_dim) (T5 uses 1)")
     # decoder family
     local_window: int = _f(0, "banded attention width in local layers (GPT-3); 0 = all dense")
-    local_every: int = _f(2, "with local_window: every N-th layer is local (GPT-3: 2)")
+    local_every: int = _f(2, "with local_window: every N-th layer is local (GPT-3: 2; "
+                          "Mistral: 1, every layer, which decodes with a cache of "
+                          "local_window positions)")
+    local_pattern: str = _f("", "with local_window: which layers are local, one letter per "
+                            "layer, L local or G global, repeated over the stack (Gemma 2: LG, "
+                            "Gemma 3: LLLLLG); empty = every local_every-th layer")
+    rope_local_theta: float = _f(0.0, "RoPE base of the local layers, which then skip "
+                                 "rope_scaling (Gemma 3: 10000); 0 = as the global layers")
+    final_logit_softcap: float = _f(0.0, "output logits become cap·tanh(logits / cap) "
+                                    "(Gemma 2: 30); 0 = off")
+    num_experts: int = _f(0, "mixture of experts: expert MLPs per layer, each token routed "
+                          "to experts_per_token of them (Mixtral: 8); 0 = one dense MLP")
+    experts_per_token: int = _f(2, "with num_experts: the top-k experts a token goes to")
+    router_aux_loss: float = _f(0.01, "with num_experts: weight of the load-balancing loss "
+                                "(Switch/Mixtral; HF's router_aux_loss_coef) in the objective")
+    router_z_loss: float = _f(0.0, "with num_experts: weight of the router z-loss, the mean "
+                              "squared log-sum-exp of the router logits (ST-MoE: 0.001)")
     # encoder family
     type_vocab_size: int = _f(0, "token-type (segment A/B) embeddings; 0 = none (BERT: 2)")
     pad_token_id: int = _f(0, "padding id; RoBERTa-style positions skip tokens with this id")
     position_offset: int = _f(0, "rows of the position table before position 0; > 0 = "
                               "RoBERTa positions (pad_token_id + 1 + count of non-pad tokens)")
     # encoder-decoder family
-    embed_scale: bool = _f(False, "token embeddings times sqrt(d_model) (Transformer, Marian)")
+    embed_scale: bool = _f(False, "token embeddings times sqrt(d_model), in the compute dtype "
+                           "(Transformer, Marian, Gemma)")
     embed_norm: bool = _f(False, "LayerNorm on the embeddings of each stack (BART)")
     final_norm: bool = _f(True, "a norm closes each stack (T5, torch.nn.Transformer; not BART)")
     sinusoidal_layout: str = _f("interleaved", "sinusoidal positions: interleaved (paper) | "
@@ -90,8 +131,19 @@ class DataConfig:
     format: str = _f("", "text (documents) | pairs (source/target JSON lines, encoder-decoder)"
                      " | prompt_answer (source/target JSON lines as prompt -> answer rows, "
                      "decoder); empty = the prepared corpus's kind, text for data.files")
-    files: list[str] = _f([], "local text/jsonl training files or globs; overrides name")
+    files: list[str] = _f([], "text/jsonl training files, globs or folders (local or gs://...);"
+                          " overrides name")
     valid_files: list[str] = _f([], "held-out files; empty = last valid_fraction of files")
+    hf_path: str = _f("", "an HF dataset: a hub name, a folder of parquet/arrow/json/text files"
+                      " or a save_to_disk folder; overrides files and name")
+    hf_name: str = _f("", "the HF dataset's configuration name (hub datasets with several)")
+    split: str = _f("train", "the HF dataset's training split (validation: its 'validation' "
+                    "split if it has one, else the last valid_fraction held out)")
+    streaming: bool = _f(False, "stream the HF dataset (split by process, never tokenized "
+                         "ahead) instead of tokenizing it into a token store")
+    store_dir: str = _f("", "folder of token stores (local or gs://...); empty = "
+                        "$JAXLM_CACHE/stores (default ~/.cache/jaxlm/stores)")
+    workers: int = _f(0, "processes tokenizing a new token store (0 = one per core)")
     valid_fraction: float = _f(0.05, "share of local text held out when valid_files is empty")
     text_field: str = _f("text", "field holding the text in jsonl files")
     tokenizer: str = _f("byte", "byte | bpe (trained on the corpus) | path to a tokenizer dir")
@@ -106,14 +158,23 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(1000, "optimizer steps in total")
+    steps: int = _f(1000, "optimizer steps in total (the most, with train.time_budget)")
+    time_budget: float = _f(0.0, "seconds the whole run may take (0 = off): after compiling, "
+                            "the step count is planned from measured step, evaluation and "
+                            "checkpoint times, and the schedule decays over it; a resumed run "
+                            "keeps its plan")
     batch_size: int = _f(32, "global batch size in sequences")
     seq_len: int = _f(256, "tokens per training sequence")
     eval_every: int = _f(250, "validate every N steps (0 = only at the end)")
     eval_batches: int = _f(8, "validation batches per evaluation")
     log_every: int = _f(10, "write a metrics row every N steps")
+    prefetch: int = _f(2, "batches built and put on the devices ahead of the step, on a "
+                       "background thread (0 = build each when needed)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross entropy")
     z_loss: float = _f(0.0, "weight of the log(Z)^2 penalty that keeps logits small")
+    loss_chunk: int = _f(0, "decoder models: positions per chunk of the cross entropy, which "
+                         "then never holds the whole [batch, seq, vocab] float32 logits (a "
+                         "divisor of train.seq_len; 0 = whole logits)")
     mlm_rate: float = _f(0.15, "share of tokens masked by the masked-LM objective")
     max_bad_steps: int = _f(5, "non-finite steps in a row before on_bad_steps acts")
     on_bad_steps: str = _f("rollback", "rollback (to the last checkpoint, skipping the "
@@ -141,8 +202,15 @@ class MeshConfig:
     data: int = _f(-1, "data-parallel axis size (-1 = the devices left over)")
     fsdp: int = _f(1, "fully-sharded data-parallel axis size (-1 = the devices left over)")
     tensor: int = _f(1, "tensor-parallel axis size (-1 = the devices left over)")
+    expert: int = _f(1, "expert-parallel axis size: splits the MoE experts, and the batch "
+                     "of every other layer as data parallelism does (-1 = the devices left over)")
     rules: list[str] = _f([], "logical-axis rules over the default table, e.g. "
                           "embed=tensor or mlp=fsdp+tensor or vocab= (not sharded)")
+    dcn_data: int = _f(-1, "multislice: how many ways of mesh.data cross the slow network "
+                       "between TPU slices (between hosts elsewhere); -1 = the slices left over "
+                       "by dcn_fsdp (1 on one slice)")
+    dcn_fsdp: int = _f(1, "multislice: how many ways of mesh.fsdp cross slices (its gathers "
+                       "then cross the slow network too)")
 
 
 @dataclass
@@ -159,6 +227,17 @@ class RunConfig:
     quiet: bool = _f(False, "no progress bar")
     wandb: bool = _f(False, "also log to Weights & Biases (needs `pip install wandb`)")
     wandb_project: str = _f("jaxlm", "W&B project name when run.wandb is on")
+    compile_cache: bool = _f(True, "keep compiled steps in JAX's persistent compilation cache "
+                             "under $JAXLM_CACHE/xla, so a resume or rerun skips compiling "
+                             "(JAXLM_COMPILATION_CACHE=off also turns it off)")
+
+
+@dataclass
+class ProfileConfig:
+    start_step: int = _f(5, "the profiler trace starts after this step (past compilation and "
+                         "warm-up)")
+    steps: int = _f(0, "steps in the jax.profiler trace written to <run.dir>/profile "
+                    "(0 = no trace)")
 
 
 @dataclass
@@ -173,6 +252,8 @@ class Config:
         default_factory=CheckpointConfig, metadata={"help": "checkpointing"}
     )
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "run directory"})
+    profile: ProfileConfig = field(default_factory=ProfileConfig,
+                                   metadata={"help": "profiler trace"})
     name: str = _f("", "config name (set from the YAML file)")
 
 
@@ -353,13 +434,26 @@ def preset_fields(name: str) -> dict[str, Any]:
     return dict(PRESETS[name], preset=name)
 
 
-def load(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolves a config: schema defaults < preset < YAML file < overrides, then validates."""
+def load(name_or_path: str | None = None, overrides: list[str] | None = None, *,
+         read_checkpoint: Callable[[str], dict[str, Any]] | None = None) -> Config:
+    """Resolves a config: schema defaults < preset < YAML file < overrides, then validates.
+
+    With `model.init_from` and `read_checkpoint` (path -> the config layer a checkpoint
+    fixes: its model.* fields, its tokenizer), that layer takes the place of the preset and
+    of the default config; a model field the user sets to another value is refused."""
     name, file_raw = _read_yaml(name_or_path or DEFAULT_CONFIG)
     over_raw = parse_overrides(overrides or [])
     user = _merge(file_raw, over_raw)
-    preset = (user.get("model") or {}).get("preset", ModelConfig.preset)
-    raw = _merge({"model": preset_fields(str(preset))}, user)
+    init_from = (user.get("model") or {}).get("init_from")
+    if init_from and read_checkpoint is not None:
+        if name_or_path is None:  # the default config is a from-scratch recipe: not this
+            user, name = over_raw, f"{Path(str(init_from)).name}-ft"
+        base = read_checkpoint(str(init_from))
+        _refuse_contradictions(base.get("model", {}), user.get("model") or {}, init_from)
+    else:
+        preset = (user.get("model") or {}).get("preset", ModelConfig.preset)
+        base = {"model": preset_fields(str(preset))}
+    raw = _merge(base, user)
     raw.setdefault("name", name)
     cfg = from_dict(raw)
     _refuse_ignored_fields(cfg, set((user.get("model") or {}).keys()))
@@ -373,6 +467,19 @@ def from_yaml_text(text: str) -> Config:
     cfg = resolve_data_format(from_dict(yaml.safe_load(text) or {}))
     validate(cfg)
     return cfg
+
+
+def _refuse_contradictions(fixed: dict[str, Any], user_model: dict[str, Any],
+                           source: Any) -> None:
+    """The first model field the user set that the checkpoint fixes to another value."""
+    ckpt = from_dict(fixed, ModelConfig, "model.")
+    mine = from_dict({**fixed, **user_model}, ModelConfig, "model.")
+    for f in dataclasses.fields(ModelConfig):
+        theirs, ours = getattr(ckpt, f.name), getattr(mine, f.name)
+        if f.name in user_model and f.name in fixed and ours != theirs:
+            raise ConfigError(f"model.{f.name}={ours!r} contradicts model.init_from={source}, "
+                              f"whose model.{f.name} is {theirs!r}; drop the setting (the "
+                              "architecture comes from the checkpoint)")
 
 
 def _refuse_ignored_fields(cfg: Config, user_fields: set[str]) -> None:
@@ -421,7 +528,8 @@ _CHOICES = {
     "model.attention": ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm": ("layernorm", "rmsnorm", "rmsnorm_plus1"),
+    "model.rope_scaling": ("none", "linear", "dynamic", "llama3"),
     "model.norm_position": ("pre", "post"),
     "model.activation": ("gelu_tanh", "gelu", "relu", "silu"),
     "model.position": ("learned", "rope", "sinusoidal", "none"),
@@ -429,6 +537,10 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots_saveable", "offload"),
     "data.format": ("", "text", "pairs", "prompt_answer"),
 }
+
+
+# Attention kernels that cannot soft-cap attention logits (model.attention_softcap).
+NO_SOFTCAP_KERNELS = ("cudnn", "flash")
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -468,18 +580,115 @@ def validate(cfg: Config) -> None:
         )
     if m.local_every < 1:
         raise ConfigError(f"model.local_every must be >= 1, got {m.local_every}")
+    _check_layer_variants(m)
+    _check_experts(m)
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if not 0 < cfg.data.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction must be in (0, 1), got {cfg.data.valid_fraction}")
-    for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+    for key in ("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert"):
         if _get(cfg, key) == 0 or _get(cfg, key) < -1:
             raise ConfigError(f"{key} must be a positive size or -1, got {_get(cfg, key)}")
+    if cfg.mesh.dcn_data == 0 or cfg.mesh.dcn_data < -1 or cfg.mesh.dcn_fsdp < 1:
+        raise ConfigError(f"mesh.dcn_data must be a positive count or -1 and mesh.dcn_fsdp a "
+                          f"positive count, got {cfg.mesh.dcn_data} and {cfg.mesh.dcn_fsdp}")
+    for key in ("profile.start_step", "profile.steps", "train.prefetch"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)}")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every must be >= 0, got {t.eval_every}")
+    if not t.time_budget >= 0 or t.time_budget == float("inf"):
+        raise ConfigError(f"train.time_budget must be a number of seconds >= 0 (0 = off), "
+                          f"got {t.time_budget}")
     _check_family_data(cfg)
+    _check_loss_chunk(cfg)
+    _check_data_sources(cfg.data)
+
+
+def _check_data_sources(d: DataConfig) -> None:
+    """HF datasets, streaming and token-store settings that cannot work together."""
+    if d.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0 (0 = one per core), got {d.workers}")
+    if d.hf_path and not d.split:
+        raise ConfigError("data.split is empty; name the HF dataset's training split")
+    if not d.streaming:
+        return
+    if not d.hf_path:
+        raise ConfigError("data.streaming=true streams an HF dataset: set data.hf_path")
+    if d.tokenizer == "bpe":
+        raise ConfigError("data.tokenizer=bpe trains on the whole corpus, which a stream "
+                          "never holds; with data.streaming use byte or a tokenizer folder")
+    if d.pack:
+        raise ConfigError("data.pack packs the documents of a token store; it does not apply "
+                          "with data.streaming=true")
+
+
+def _check_rope(m: ModelConfig) -> None:
+    if m.rope_scaling == "none":
+        return
+    if m.position != "rope":
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling} scales RoPE, but "
+                          f"model.position={m.position}; set model.position=rope or "
+                          "model.rope_scaling=none")
+    if m.rope_factor < 1:
+        raise ConfigError(f"model.rope_factor must be >= 1 with model.rope_scaling="
+                          f"{m.rope_scaling}, got {m.rope_factor}")
+    if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise ConfigError("model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor < "
+                          f"model.rope_high_freq_factor, got {m.rope_low_freq_factor} and "
+                          f"{m.rope_high_freq_factor}")
+    if m.rope_original_max_len < 0:
+        raise ConfigError(f"model.rope_original_max_len must be >= 0, got "
+                          f"{m.rope_original_max_len}")
+
+
+def _check_layer_variants(m: ModelConfig) -> None:
+    """RoPE scaling, soft-caps, the local/global layer pattern and sandwich norms."""
+    _check_rope(m)
+    for key in ("attention_softcap", "final_logit_softcap", "rope_local_theta"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key} must be >= 0 (0 = off), got {getattr(m, key)}")
+    if m.local_pattern and (set(m.local_pattern) - {"L", "G"} or not m.local_window):
+        raise ConfigError(f"model.local_pattern={m.local_pattern!r} needs letters L (local) "
+                          "and G (global) only, and a model.local_window > 0")
+    if m.attention_softcap and m.attention in NO_SOFTCAP_KERNELS:
+        raise ConfigError(f"model.attention={m.attention} cannot soft-cap attention logits "
+                          "(model.attention_softcap); use model.attention=auto, chunked, xla "
+                          "or splash")
+    if m.sandwich_norm and m.norm_position != "pre":
+        raise ConfigError("model.sandwich_norm adds norms to pre-norm blocks; it needs "
+                          "model.norm_position=pre")
+
+
+def _check_experts(m: ModelConfig) -> None:
+    """The mixture-of-experts fields: top-k within the experts, non-negative loss weights."""
+    if m.num_experts < 0:
+        raise ConfigError(f"model.num_experts must be >= 0 (0 = dense MLP), got {m.num_experts}")
+    for key in ("router_aux_loss", "router_z_loss"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key} must be >= 0, got {getattr(m, key)}")
+    if not m.num_experts:
+        return
+    if not 1 <= m.experts_per_token <= m.num_experts:
+        raise ConfigError(f"model.experts_per_token={m.experts_per_token} must be between 1 and "
+                          f"model.num_experts={m.num_experts}")
+    if m.use_bias:
+        raise ConfigError("expert MLPs have no biases (as in Mixtral): set model.use_bias=false "
+                          "with model.num_experts")
+
+
+def _check_loss_chunk(cfg: Config) -> None:
+    from jaxlm.families import schema
+
+    chunk, T = cfg.train.loss_chunk, cfg.train.seq_len
+    if chunk < 0 or (chunk and T % chunk):
+        raise ConfigError(f"train.loss_chunk={chunk} must be 0 or a divisor of "
+                          f"train.seq_len={T}")
+    if chunk and not schema.chunks_loss(cfg.model.family):
+        raise ConfigError(f"train.loss_chunk applies to decoder-only models, not the "
+                          f"{cfg.model.family} family; remove it")
 
 
 def _check_family_data(cfg: Config) -> None:
@@ -493,7 +702,8 @@ def _check_family_data(cfg: Config) -> None:
 
 # Keys a resumed run may change; anything else would make the checkpoint another model or run.
 RESUMABLE_PREFIXES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
-                      "checkpoint.", "run.", "mesh.", "data.files", "data.valid_files")
+                      "checkpoint.", "run.", "mesh.", "data.files", "data.valid_files",
+                      "data.store_dir", "data.workers", "profile.", "train.prefetch")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -1,15 +1,19 @@
 """Joining a multi-process run: where the coordinator is, how many processes, which one we are.
 
 `detect()` reads, in order of precedence: explicit CLI values; `JAXLM_*` then `JAX_*`
-coordinator variables; SLURM's task variables; a Cloud TPU VM (left to JAX's own metadata
-detection, marked `auto`). `initialize()` hands the result to `jax.distributed.initialize`
-under a deadline, so a coordinator that never answers ends the process with one line and
-exit code 2 instead of a hang. Both must run before anything touches a JAX backend.
+coordinator variables; `JAXLM_DISTRIBUTED` (off, auto, or one of JAX's cluster detection
+methods); else the signs of a cluster that `jax.distributed.initialize()` detects by itself
+(SLURM, Open MPI, Cloud TPU incl. multislice, GKE/Kubernetes), leaving the coordinator,
+process count and process id to JAX. `initialize()` hands the result to
+`jax.distributed.initialize` under a deadline, so a coordinator that never answers ends the
+process with one line and exit code 2 instead of a hang. Both must run before anything
+touches a JAX backend.
 """
 
 from __future__ import annotations
 
-import itertools
+import glob
+import importlib.util
 import os
 import re
 import socket
@@ -17,80 +21,37 @@ import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from jaxlm.config import ConfigError
 
 AUTO = "auto"
 DEFAULT_TIMEOUT_S = 300
-# JAX's own SLURM port rule (jax/_src/clusters/slurm_cluster.py): one port per job id in the
-# top 4096 ports, so every task derives the same one without talking to the others.
-_SLURM_PORT_BASE, _SLURM_PORT_SPAN = 65535 - 4096 + 1, 4096
+# Names jax.distributed.initialize(cluster_detection_method=...) knows.
+METHODS = ("slurm", "ompi", "mpi4py", "gcetpu", "gketpu")
+# PCI device ids of Cloud TPU chips (vendor 0x1ae0, Google), as JAX's own TPU probe lists them.
+_TPU_PCI_IDS = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
 
 
 @dataclass(frozen=True)
 class DistributedSpec:
-    """How this process joins a run. `source` says where it came from; for source 'tpu' or
-    'forced-auto' the other fields are None and JAX detects them (`auto` is True)."""
+    """How this process joins a run. `source` says where it came from; when the process count
+    is None (`auto`), JAX's cluster detection fills in what is missing (`method` names the
+    one to use; None lets JAX try each)."""
 
     coordinator: str | None
     num_processes: int | None
     process_id: int | None
     local_device_ids: tuple[int, ...] | None = None
     source: str = "cli"
+    method: str | None = None
 
     @property
     def auto(self) -> bool:
-        return self.coordinator is None
+        return self.num_processes is None
 
 
 # ------------------------------------------------------------------ parsing helpers
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expands SLURM's compact host lists: 'node[01-03,07],gpu5' -> node01 node02 node03
-    node07 gpu5. Ranges keep their zero padding; several bracket groups in one name multiply."""
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist.strip()):
-        parts = re.split(r"(\[[^\]]*\])", item)
-        choices = [_expand_range_group(p[1:-1]) if p.startswith("[") else [p] for p in parts]
-        hosts += ["".join(combo) for combo in itertools.product(*choices)]
-    return [h for h in hosts if h]
-
-
-def _split_top_level(text: str) -> list[str]:
-    items, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if depth:
-        raise ConfigError(f"unbalanced brackets in SLURM node list '{text}'")
-    return [*items, cur]
-
-
-def _expand_range_group(group: str) -> list[str]:
-    out = []
-    for part in group.split(","):
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise ConfigError(f"bad range '{part}' in SLURM node list")
-            out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-        else:
-            out.append(part)
-    return out
-
-
-def _tasks_per_node(env: Mapping[str, str]) -> int | None:
-    """SLURM_NTASKS_PER_NODE, else the first count of SLURM_TASKS_PER_NODE ('4(x2),3')."""
-    raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") \
-        or env.get("SLURM_TASKS_PER_NODE")
-    m = re.match(r"\s*(\d+)", raw or "")
-    return int(m.group(1)) if m else None
-
 
 def _int(value: str | int | None, what: str) -> int | None:
     if value is None or value == "":
@@ -132,46 +93,34 @@ def _from_explicit(coordinator: str | None, num_processes: int | None, process_i
     return DistributedSpec(coordinator, num_processes, process_id, local_ids, source)
 
 
-def _from_slurm(env: Mapping[str, str], coordinator: str | None = None
-                ) -> DistributedSpec | None:
-    needed = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-    if not nodelist or not all(k in env for k in needed):
-        return None
-    ntasks = _int(env["SLURM_NTASKS"], "SLURM_NTASKS")
-    if not ntasks or ntasks < 2:
-        return None
-    hosts = expand_nodelist(nodelist)
-    if not hosts:
-        raise ConfigError(f"SLURM node list '{nodelist}' names no host")
-    port = env.get("JAXLM_COORDINATOR_PORT") or env.get("JAX_COORDINATOR_PORT") or str(
-        _int(env["SLURM_JOB_ID"], "SLURM_JOB_ID") % _SLURM_PORT_SPAN + _SLURM_PORT_BASE)
-    # Several tasks per node means one device per task (the usual one-process-per-GPU
-    # layout); one task per node sees all of its node's devices.
-    local_ids = None
-    per_node = _tasks_per_node(env)
-    if per_node and per_node > 1 and "SLURM_LOCALID" in env:
-        local_ids = (_int(env["SLURM_LOCALID"], "SLURM_LOCALID"),)
-    return _from_explicit(coordinator or f"{hosts[0]}:{port}", ntasks,
-                          _int(env["SLURM_PROCID"], "SLURM_PROCID"), local_ids, "slurm")
+def _tpu_chips_on_pci(pci: str = "/sys/bus/pci/devices") -> bool:
+    for vendor in glob.glob(f"{pci}/*/vendor"):
+        try:
+            if Path(vendor).read_text().strip() == "0x1ae0" and (
+                    Path(vendor).with_name("device").read_text().strip() in _TPU_PCI_IDS):
+                return True
+        except OSError:
+            continue
+    return False
 
 
-def _on_cloud_tpu_vm(env: Mapping[str, str]) -> bool:
-    """TPU chips on the PCI bus (not Colab, whose runtime is one host and has no pod
-    metadata). Uses JAX's own probe, which reads /sys and needs no network."""
+def cluster_hint(env: Mapping[str, str]) -> str | None:
+    """The kind of cluster this process runs in, for jax.distributed to detect, or None on a
+    plain machine. A one-task SLURM job is one process (JAX would also pin it to one GPU);
+    Colab's TPU runtime is one host without pod metadata."""
+    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and (
+            _int(env.get("SLURM_NTASKS"), "SLURM_NTASKS") or 1) > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return "ompi"
     if "COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env:
-        return False
-    workers = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
-    if len(workers) > 1 and all(re.fullmatch(r"[\w.-]+", w) for w in workers):
-        return True  # GKE sets the pod's hostnames; JAX reads them
-    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return True  # multislice
-    try:
-        from jax._src import hardware_utils
-
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:  # private helper moved: no TPU auto-detection, explicit flags still work
-        return False
+        return None
+    tpu_vars = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
+    if any(env.get(k) for k in tpu_vars) or _tpu_chips_on_pci():
+        return "tpu"
+    if "KUBERNETES_SERVICE_HOST" in env and importlib.util.find_spec("kubernetes"):
+        return "k8s"
+    return None
 
 
 def detect(coordinator: str | None = None, num_processes: int | None = None,
@@ -179,43 +128,43 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
            env: Mapping[str, str] | None = None) -> DistributedSpec | None:
     """The distributed setup of this process, or None for a single-process run.
 
-    Precedence: the arguments (the CLI flags); JAXLM_COORDINATOR_ADDRESS /
-    JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID; the same JAX_* names; SLURM (first host of the
-    node list, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID); a Cloud TPU VM (auto).
-    JAXLM_DISTRIBUTED=off forces a single process, =auto forces JAX's auto-detection.
+    Precedence: the arguments (the CLI flags); JAXLM_DISTRIBUTED=off (one process), =auto or
+    =<JAX cluster detection method> (JAX detects); JAXLM_COORDINATOR_ADDRESS /
+    JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID and the same JAX_* names; a cluster JAX detects
+    (`cluster_hint`). JAXLM_LOCAL_DEVICE_IDS restricts this process's devices.
     """
     env = os.environ if env is None else env
 
     def var(name: str) -> str | None:
         return env.get(f"JAXLM_{name}") or env.get(f"JAX_{name}")
 
+    local_ids = _device_ids(var("LOCAL_DEVICE_IDS"))
     if any(v is not None for v in (coordinator, num_processes, process_id)):
         return _from_explicit(
             coordinator or var("COORDINATOR_ADDRESS"),
             num_processes if num_processes is not None else _int(var("NUM_PROCESSES"),
                                                                  "NUM_PROCESSES"),
             process_id if process_id is not None else _int(var("PROCESS_ID"), "PROCESS_ID"),
-            _device_ids(var("LOCAL_DEVICE_IDS")), "command line")
+            local_ids, "command line")
     mode = env.get("JAXLM_DISTRIBUTED", "").strip().lower()
     if mode in ("off", "0", "no", "false"):
         return None
-    if mode == AUTO:
-        return DistributedSpec(None, None, None, None, "forced-auto")
+    if mode and mode != AUTO and mode not in METHODS:
+        raise ConfigError(f"JAXLM_DISTRIBUTED='{mode}' is not one of off, auto, "
+                          f"{', '.join(METHODS)}")
     if mode:
-        raise ConfigError(f"JAXLM_DISTRIBUTED='{mode}' is not one of auto, off")
+        return DistributedSpec(var("COORDINATOR_ADDRESS"), None, None, local_ids,
+                               f"JAXLM_DISTRIBUTED={mode}", None if mode == AUTO else mode)
     if var("NUM_PROCESSES") or var("PROCESS_ID"):
         return _from_explicit(var("COORDINATOR_ADDRESS"), _int(var("NUM_PROCESSES"),
                                                                "NUM_PROCESSES"),
-                              _int(var("PROCESS_ID"), "PROCESS_ID"),
-                              _device_ids(var("LOCAL_DEVICE_IDS")), "environment")
-    spec = _from_slurm(env, coordinator=var("COORDINATOR_ADDRESS"))
-    if spec is not None:
-        return spec
+                              _int(var("PROCESS_ID"), "PROCESS_ID"), local_ids, "environment")
+    hint = cluster_hint(env)
+    if hint is not None:
+        return DistributedSpec(var("COORDINATOR_ADDRESS"), None, None, local_ids, hint)
     if var("COORDINATOR_ADDRESS"):
         raise ConfigError("a coordinator address is set but not the number of processes or "
                           "this process's id; set JAXLM_NUM_PROCESSES and JAXLM_PROCESS_ID")
-    if _on_cloud_tpu_vm(env):
-        return DistributedSpec(None, None, None, None, "tpu")
     return None
 
 
@@ -276,7 +225,7 @@ def initialize(spec: DistributedSpec | None, timeout_s: float | None = None,
             coordinator_address=spec.coordinator, num_processes=spec.num_processes,
             process_id=spec.process_id,
             local_device_ids=list(spec.local_device_ids) if spec.local_device_ids else None,
-            initialization_timeout=int(timeout_s) + 60)
+            cluster_detection_method=spec.method, initialization_timeout=int(timeout_s) + 60)
     except (ValueError, RuntimeError, TypeError) as e:
         if spec.source == "tpu":
             # A single TPU VM without pod metadata, or JAX already in use in this process
@@ -285,11 +234,14 @@ def initialize(spec: DistributedSpec | None, timeout_s: float | None = None,
                   file=sys.stderr, flush=True)
             return
         raise ConfigError(f"jax.distributed.initialize failed ({spec.source}): "
-                          f"{str(e).splitlines()[0][:200]}") from None
+                          f"{str(e).splitlines()[0][:200]}; JAXLM_DISTRIBUTED=off runs one "
+                          "process, --coordinator/--num-processes/--process-id set it by "
+                          "hand") from None
     finally:
         watchdog.cancel()
     local = jax.local_devices()
     print(f"jaxlm: process {jax.process_index()}/{jax.process_count()} on "
           f"{socket.gethostname()}: {len(local)} local {local[0].platform} device(s) "
-          f"{[d.id for d in local]} of {jax.device_count()} ({spec.source})",
+          f"{[d.id for d in local]} of {jax.device_count()} ({spec.source}"
+          f"{', detected by jax.distributed' if spec.auto else ''})",
           file=sys.stderr, flush=True)

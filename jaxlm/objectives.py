@@ -9,10 +9,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxlm.chunked_ce import chunked_cross_entropy
 from jaxlm.data.batch import LMBatch, MLMBatch, Seq2SeqBatch
 
-# loss(apply_fn, params, batch, *, rng, deterministic) -> (mean loss, sums for metrics)
+# loss(apply_fn, params, batch, *, rng, deterministic) -> (mean loss, sums for metrics). A sum
+# named `X_sum` (other than nll_sum) is a per-token mean times num_tokens: the train step
+# reports X (the MoE router losses).
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+# extra(intermediates the model sowed) -> (weighted loss to add, {name: unweighted mean}).
+ExtraLoss = Callable[[Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def cross_entropy(
@@ -46,15 +51,34 @@ def cross_entropy(
 
 def causal_lm_loss(apply_fn: Callable, params: Any, batch: LMBatch, *,
                    rng: jax.Array | None = None, deterministic: bool = True,
-                   label_smoothing: float = 0.0, z_loss: float = 0.0):
-    """Next-token loss on an LMBatch."""
-    logits = apply_fn(
-        {"params": params}, batch.inputs,
-        positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
-        deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
-    )
-    return cross_entropy(logits, batch.targets, batch.loss_mask,
-                         label_smoothing=label_smoothing, z_loss=z_loss)
+                   label_smoothing: float = 0.0, z_loss: float = 0.0,
+                   extra_loss: ExtraLoss | None = None, chunk: int = 0,
+                   logit_softcap: float = 0.0):
+    """Next-token loss on an LMBatch, plus `extra_loss` of what the model sows into its
+    "intermediates" collection (the MoE router losses), each reported as `{name}_sum`.
+
+    With `chunk` > 0 the model returns its final hidden states and output projection, and
+    the cross entropy takes `chunk` positions at a time (jaxlm.chunked_ce: the [B, T, V]
+    logits never exist whole), soft-capping the logits at `logit_softcap` as the model does."""
+    kw = dict(positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
+              deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
+              **({"hidden": True} if chunk else {}))
+    if extra_loss is None:
+        out = apply_fn({"params": params}, batch.inputs, **kw)
+    else:
+        out, sown = apply_fn({"params": params}, batch.inputs, mutable=["intermediates"], **kw)
+    ce = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    if chunk:
+        x_BTD, w_VD = out
+        loss, sums = chunked_cross_entropy(x_BTD, w_VD, batch.targets, batch.loss_mask,
+                                           chunk=chunk, softcap=logit_softcap, **ce)
+    else:
+        loss, sums = cross_entropy(out, batch.targets, batch.loss_mask, **ce)
+    if extra_loss is None:
+        return loss, sums
+    added, means = extra_loss(sown["intermediates"])
+    sums.update({f"{k}_sum": v * sums["num_tokens"] for k, v in means.items()})
+    return loss + added, sums
 
 
 def mask_tokens(tokens_BT: jax.Array, maskable_BT: jax.Array, rng: jax.Array, *, mask_id: int,

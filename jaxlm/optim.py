@@ -5,21 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxlm.config import OptimConfig
 
 
-def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.lr,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=cfg.lr * cfg.min_lr_ratio,
-    )
+def lr_schedule(cfg: OptimConfig, total_steps: int | jax.Array) -> optax.Schedule:
+    """Linear warmup from 0 to lr over min(warmup_steps, total_steps - 1) steps, then cosine
+    decay to lr * min_lr_ratio at total_steps (optax's warmup_cosine_decay_schedule), as jnp
+    arithmetic: `total_steps` may be traced, so one compiled step serves any step count."""
+    peak, end = cfg.lr, cfg.lr * cfg.min_lr_ratio
+
+    def schedule(count):
+        total = jnp.asarray(total_steps, jnp.float32)
+        warmup = jnp.minimum(float(cfg.warmup_steps), jnp.maximum(total - 1.0, 0.0))
+        count = jnp.asarray(count, jnp.float32)
+        rising = peak * count / jnp.maximum(warmup, 1.0)
+        progress = jnp.clip((count - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+        falling = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(count < warmup, rising, falling)
+
+    return schedule
 
 
 def decay_mask(params: Any) -> Any:
@@ -29,7 +36,8 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig,
+                   total_steps: int | jax.Array) -> optax.GradientTransformation:
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

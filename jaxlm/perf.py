@@ -12,7 +12,8 @@ it is tied to the output projection (then it *is* the [D, V] logits matmul). Loo
 tables (learned positions, an untied token table, T5's relative bias) are no matmul and are
 left out, and so are biases and norm scales (elementwise; < 1% of N at usual widths). With
 this N the formula with dense attention equals the dot_general FLOPs of the traced step
-exactly (`jaxpr_matmul_flops`; tests/test_perf.py checks it).
+exactly (`jaxpr_matmul_flops`; tests/test_perf.py checks it). MoE expert kernels count over
+the tokens routed to them (k of E experts per token), as their grouped matmuls compute.
 
 Peaks: a per-device table (dense, no sparsity) keyed by `device_kind`; on CPU, a matrix
 product measured at start. Nothing assumes a particular machine.
@@ -196,6 +197,16 @@ def jaxpr_matmul_flops(fn: Callable, *args: Any) -> float:
     return _count_dots(closed.jaxpr)
 
 
+def _ragged_dot_flops(eqn: Any) -> float:
+    """A grouped matmul: every lhs element meets the rhs columns of one group only (rhs dims
+    neither contracted, batched nor the group dim), in all three modes autodiff uses."""
+    nums = eqn.params["ragged_dot_dimension_numbers"]
+    (_, rc), (_, rb) = nums.dot_dimension_numbers
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    skip = set(rc) | set(rb) | set(nums.rhs_group_dimensions)
+    return 2.0 * math.prod(lhs) * math.prod(n for d, n in enumerate(rhs) if d not in skip)
+
+
 def _count_dots(jaxpr: Any) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -204,6 +215,9 @@ def _count_dots(jaxpr: Any) -> float:
             lhs = eqn.invars[0].aval.shape
             contract = math.prod(lhs[d] for d in lc)
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contract
+            continue
+        if eqn.primitive.name == "ragged_dot_general":  # MoE experts: each row meets 1 group
+            total += _ragged_dot_flops(eqn)
             continue
         times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         for v in eqn.params.values():

@@ -7,7 +7,6 @@ against the device's ridge point (peak FLOP/s / memory bandwidth; measured on CP
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,43 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import bench, perf
+from jaxlm import bench, perf, sharding, trace
+from jaxlm.collectives import collective_bytes  # noqa: F401  (re-exported)
 from jaxlm.config import Config
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
-# `%name = TYPE op(` where TYPE is one shape or a tuple of shapes; -start ops are async.
-_COLLECTIVE_LINE = re.compile(
-    r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 VANISHING, EXPLODING = 1e-6, 100.0  # per-layer grad norm vs the median of the layers
-
-
-def _shape_bytes(type_text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(type_text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES.get(dtype, 4)
-    return total
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes each device's program moves per step, by collective kind, from the output
-    shapes of the collectives in compiled HLO text (async -start ops counted once; an async
-    start's tuple also holds its operand, so it counts the larger half). A loop body's
-    collectives appear once in the text: pass the unrolled program (bench.counting_executable)."""
-    out = {k: 0 for k in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = _COLLECTIVE_LINE.search(line)
-        if not m or "-done(" in line:
-            continue
-        sizes = [_shape_bytes(t.group(0)) for t in _SHAPE.finditer(m.group(1))]
-        out[m.group(2)] += max(sizes, default=0) if "-start(" in line else sum(sizes)
-    return out
 
 
 def _tree_bytes_per_device(tree: Any) -> int:
@@ -150,6 +117,7 @@ class Profile:
     communication_bytes: dict[str, int]
     memory: dict[str, int]
     gradients: dict[str, Any] = field(default_factory=dict)
+    trace_file: str = ""  # a jax.profiler trace of a few more steps (--trace DIR)
 
     def table(self) -> str:
         mib = lambda b: f"{b / 2**20:9.2f} MiB"
@@ -183,6 +151,8 @@ class Profile:
             lines.append(f"  {name:28s} {v:10.3g}{mark}")
         if g.get("warnings"):
             lines.append("warnings             " + "; ".join(g["warnings"]))
+        if self.trace_file:
+            lines.append(f"profiler trace       {self.trace_file}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -207,13 +177,16 @@ def _verdict(input_wait: float, host_frac: float, intensity: float, ridge: float
 
 def profile(cfg: Config, *, steps: int = 10, warmup: int = 2,
             next_batch: Callable[[], Any] | None = None,
-            run_dir: str | Path | None = None) -> Profile:
+            run_dir: str | Path | None = None, trace_dir: str | Path | None = None) -> Profile:
     """The bottleneck report of `cfg`. `next_batch` yields host batches (default: random
-    tokens); with `run_dir`, gradient health comes from its metrics and newest checkpoint."""
+    tokens); with `run_dir`, gradient health comes from its metrics and newest checkpoint;
+    with `trace_dir`, a profiler trace of up to TRACE_STEPS more steps is written there."""
     setup = bench.compile_step(cfg)
     rng = np.random.default_rng(0)
     next_batch = next_batch or (lambda: setup.setup.synthetic_batch(rng))
     t = bench.time_steps(setup, steps, warmup, next_batch)
+    traced = ("" if trace_dir is None else
+              str(trace_steps(setup, next_batch, min(steps, TRACE_STEPS), trace_dir)))
     med = {k: statistics.median(v) for k, v in t.items()}
     n_dev = setup.mesh.size
     device = setup.mesh.devices.flat[0]
@@ -245,7 +218,29 @@ def profile(cfg: Config, *, steps: int = 10, warmup: int = 2,
         bytes_accessed_per_step=nbytes * n_dev, arithmetic_intensity=intensity,
         ridge_point=ridge, peak_flops_per_device=peak, memory_bandwidth_per_device=bw,
         peak_source=source, communication_bytes=collective_bytes(counted.as_text()),
-        memory=memory, gradients=gradients)
+        memory=memory, gradients=gradients, trace_file=traced)
+
+
+TRACE_STEPS = 5  # enough to see the steady state; traces grow with every step
+
+
+def trace_steps(setup: bench.Compiled, next_batch: Callable[[], Any], steps: int,
+                log_dir: str | Path) -> Path:
+    """Runs `steps` more train steps under a jax.profiler trace written to `log_dir`, each
+    step annotated as the train loop does; returns the trace file."""
+    state = setup.state
+    with jax.set_mesh(setup.mesh):
+        jax.block_until_ready(state)
+        trace.start(log_dir)
+        try:
+            for i in range(steps):
+                with trace.step(i + 1):
+                    batch = sharding.host_batch_to_global(next_batch(), setup.mesh)
+                    state, _ = setup.step(state, batch)
+        finally:
+            trace.stop(state)
+    setup.state = state  # the old one was donated
+    return trace.trace_files(log_dir)[-1]
 
 
 def gradient_health(run_dir: str | Path, cfg: Config, batch: Any
@@ -272,8 +267,8 @@ def gradient_health(run_dir: str | Path, cfg: Config, batch: Any
     return health
 
 
-def from_run(run_dir: str | Path, steps: int = 10, overrides: list[str] | None = None
-             ) -> Profile:
+def from_run(run_dir: str | Path, steps: int = 10, overrides: list[str] | None = None,
+             trace_dir: str | Path | None = None) -> Profile:
     """Profiles a run directory's configuration on its own data pipeline."""
     from jaxlm.data import setup as data_setup
     from jaxlm.train import rundir
@@ -285,7 +280,8 @@ def from_run(run_dir: str | Path, steps: int = 10, overrides: list[str] | None =
     def next_batch() -> Any:
         return data.train.batch(next(position))
 
-    return profile(cfg, steps=steps, next_batch=next_batch, run_dir=run_dir)
+    return profile(cfg, steps=steps, next_batch=next_batch, run_dir=run_dir,
+                   trace_dir=trace_dir)
 
 
 def figure(p: Profile, out: str | Path) -> Path:

@@ -4,6 +4,7 @@ benchmarks and the tests all start here, so there is one way a step is wired."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,13 @@ from jaxlm.families import registry
 from jaxlm.families.spec import FamilySpec
 from jaxlm.optim import lr_schedule, make_optimizer
 from jaxlm.train.state import TrainState, init_state, state_shardings
-from jaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from jaxlm.train.step import (
+    TrainStep,
+    jit_eval_step,
+    jit_scheduled_train_step,
+    make_eval_step,
+    make_train_step,
+)
 
 
 @dataclass
@@ -38,7 +45,7 @@ class StepSetup:
     loss_fn: Callable
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
-    train_step: Callable  # jitted: (state, batch) -> (state, metrics); donates the state
+    train_step: TrainStep  # (state, batch) -> (state, metrics), jitted; donates the state
     eval_step: Callable  # jitted: (params, batch, index) -> sums
 
     def init_state(self) -> TrainState:
@@ -66,6 +73,17 @@ class StepSetup:
         return self.family.flops_per_token(self.cfg, params or self.abstract_state.params,
                                            causal_halved=causal_halved)
 
+    def with_steps(self, steps: int) -> StepSetup:
+        """The same wiring for a run of `steps` optimizer steps: the schedule and optimizer
+        for that count, and the train step bound to it (the same compiled program: the count
+        is an argument of the jitted step)."""
+        cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train,
+                                                                      steps=steps))
+        return dataclasses.replace(
+            self, cfg=cfg, schedule=lr_schedule(cfg.optim, steps),
+            tx=make_optimizer(cfg.optim, steps),
+            train_step=dataclasses.replace(self.train_step, total_steps=steps))
+
 
 def check_fits(cfg: Config, mesh: Mesh) -> None:
     """The model's split dimensions divide their mesh axes, and the global batch divides into
@@ -92,10 +110,15 @@ def build(cfg: Config, *, devices: Sequence[Any] | None = None,
     loss_fn = family.loss_fn(cfg, mask_id=mask_id)
     with jax.set_mesh(mesh):
         abstract_state, shardings = state_shardings(model, tx, mesh, rules)
-    step = make_train_step(model, tx, schedule, loss_fn=loss_fn,
-                           grad_accum_steps=cfg.optim.grad_accum_steps)
+
+    def step_for(total_steps):  # traced: the optimizer's state does not depend on it
+        return make_train_step(model, make_optimizer(cfg.optim, total_steps),
+                               lr_schedule(cfg.optim, total_steps), loss_fn=loss_fn,
+                               grad_accum_steps=cfg.optim.grad_accum_steps)
+
+    jitted = jit_scheduled_train_step(step_for, shardings, mesh, rules)
     return StepSetup(
         cfg=cfg, family=family, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
         loss_fn=loss_fn, abstract_state=abstract_state, state_shardings=shardings,
-        train_step=jit_train_step(step, shardings, mesh, rules),
+        train_step=TrainStep(jitted, cfg.train.steps),
         eval_step=jit_eval_step(make_eval_step(model, loss_fn), shardings.params, mesh, rules))

@@ -1,7 +1,7 @@
 """Device mesh from config, the logical-axis rules, and shardings for state and batches.
 
 Model code names logical axes only; LOGICAL_RULES is the one table that maps them to the
-mesh axes `data`, `fsdp` and `tensor`. A config extends or overrides it with `mesh.rules`
+mesh axes `data`, `fsdp`, `expert` and `tensor`. A config extends or overrides it with `mesh.rules`
 (`["embed=tensor", "mlp=fsdp+tensor", "vocab="]`), and kernels that shard by hand ask the
 active table (`mesh_axes_for`) instead of naming mesh axes.
 """
@@ -16,13 +16,17 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxlm import multislice
 from jaxlm.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# The expert axis splits the MoE experts, and (as in MaxText) the batch everywhere else: without
+# experts, or outside the MoE layers, it is one more data-parallel axis.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # (logical axis, mesh axes). Weights: embed over fsdp (FSDP), heads/mlp/vocab over tensor
-# (column-then-row split). Activations: batch over data×fsdp, the tensor-split dims over tensor.
+# (column-then-row split), MoE experts over expert. Activations: batch over data×fsdp×expert,
+# the tensor-split dims over tensor.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
@@ -37,6 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("expert", "expert"),
 )
 
 
@@ -65,9 +70,10 @@ def mesh_axes_for(logical: str) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Resolves -1 entries so that data × fsdp × tensor == num_devices."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Resolves -1 entries so that data × fsdp × expert × tensor == num_devices (in
+    MESH_AXES order)."""
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
     fill = [i for i, s in enumerate(sizes) if s == -1]
     fixed = math.prod(s for s in sizes if s != -1)
     if len(fill) > 1:
@@ -79,26 +85,32 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         if num_devices % fixed:
             raise ConfigError(
                 f"mesh: fixed axes multiply to {fixed}, which does not divide the "
-                f"{num_devices} devices; adjust mesh.data/mesh.fsdp/mesh.tensor"
+                f"{num_devices} devices; adjust mesh.data/mesh.fsdp/mesh.expert/mesh.tensor"
             )
         sizes[fill[0]] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         raise ConfigError(
-            f"mesh data×fsdp×tensor = {sizes[0]}×{sizes[1]}×{sizes[2]} = {math.prod(sizes)} "
+            f"mesh data×fsdp×expert×tensor = {'×'.join(map(str, sizes))} = {math.prod(sizes)} "
             f"but there are {num_devices} devices; set one axis to -1 to fill"
         )
-    return tuple(sizes)  # type: ignore[return-value]
+    return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """The data × fsdp × tensor mesh over all devices (JAX picks a topology-aware order), or
-    over `devices` in the order given (a subset, or a TPU topology described for AOT)."""
+    """The data × fsdp × expert × tensor mesh over all devices (JAX picks a topology-aware
+    order), or over `devices` in the order given (a subset, or a TPU topology described for
+    AOT). Axes split across slices (`mesh.dcn_data`, `mesh.dcn_fsdp`) put each slice in one
+    block."""
+    every = list(jax.devices() if devices is None else devices)
+    grid = multislice.device_grid(cfg, MESH_AXES, mesh_shape(cfg, len(every)), every)
+    if grid is not None:
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     if devices is None:
         shape = mesh_shape(cfg, jax.device_count())
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     shape = mesh_shape(cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * 3)
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: Any = LOGICAL_RULES) -> Any:
@@ -115,20 +127,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
     """Each process passes its own rows (a batch pytree of numpy arrays); returns the same
-    tree of global arrays sharded over (data, fsdp)."""
+    tree of global arrays sharded over the batch axes (data, fsdp, expert)."""
     return jax.tree.map(
         lambda v: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v),
         batch)
 
 
 def check_model_fits_mesh(model_cfg, mesh: Mesh) -> None:
-    """Dimensions split over `tensor` (heads, kv heads, mlp, vocab) and `fsdp` (embed) must
-    divide evenly; says which one does not, and how to fix it."""
+    """Dimensions split over `tensor` (heads, kv heads, mlp, vocab), `fsdp` (embed) and
+    `expert` (MoE experts) must divide evenly; says which one does not, and how to fix it."""
     t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
     kv = model_cfg.num_kv_heads or model_cfg.num_heads
     checks = [("model.num_heads", model_cfg.num_heads, t, "mesh.tensor"),
@@ -136,6 +148,9 @@ def check_model_fits_mesh(model_cfg, mesh: Mesh) -> None:
               ("model.d_ff", model_cfg.d_ff, t, "mesh.tensor"),
               ("model.vocab_size", model_cfg.vocab_size, t, "mesh.tensor"),
               ("model.d_model", model_cfg.d_model, f, "mesh.fsdp")]
+    if model_cfg.num_experts:
+        checks.append(("model.num_experts", model_cfg.num_experts, mesh.shape["expert"],
+                       "mesh.expert"))
     for key, size, parts, axis in checks:
         if size % parts:
             raise ConfigError(f"{key}={size} is not divisible by {axis}={parts}; "

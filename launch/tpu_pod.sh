@@ -14,6 +14,10 @@
 # (3) pip install ".[tpu]" there; (4) run `python3 -m jaxlm.cli <jaxlm args>` on all workers
 # together. jax.distributed finds the other workers from the TPU metadata
 # (JAXLM_DISTRIBUTED=auto). Each worker tees its output to ~/jaxlm-logs/<hostname>.log.
+# With --slices N each node's workers also get MEGASCALE_COORDINATOR_ADDRESS (worker 0 of
+# NAME-0), MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID and MEGASCALE_PORT, which libtpu (DCN
+# between slices) and jax.distributed read; jaxlm's mesh then puts mesh.data across the slices
+# (mesh.dcn_data=-1, the default), so only gradient reductions cross DCN.
 # Checkpoints: run.dir must be storage that every worker sees at the same path.
 # --dry-run prints every command, one per line, instead of running it.
 set -euo pipefail
@@ -135,20 +139,45 @@ install+=' && cd ~/jaxlm && python3 -m pip install -q -e ".[tpu]"'
 jaxlm_args=""
 for word in "$@"; do jaxlm_args+="$(quote "$word") "; done
 train='cd ~/jaxlm && mkdir -p ~/jaxlm-logs && export JAXLM_DISTRIBUTED=auto'
-train+=" && python3 -m jaxlm.cli ${jaxlm_args% } 2>&1 | tee ~/jaxlm-logs/\$(hostname).log"
+run_jaxlm=" && python3 -m jaxlm.cli ${jaxlm_args% } 2>&1 | tee ~/jaxlm-logs/\$(hostname).log"
 # shellcheck disable=SC2016  # expands on the worker
-train+='; exit ${PIPESTATUS[0]}'
+run_jaxlm+='; exit ${PIPESTATUS[0]}'
+
+# Multislice: the slices meet at worker 0 of the first node (its internal address).
+megascale_port=8080
+coordinator_ip=""
+if ((slices > 1)); then
+  ip_cmd=(gcloud compute tpus tpu-vm describe "${nodes[0]}" "${gflags[@]}"
+    --format="value(networkEndpoints[0].ipAddress)")
+  if ((dry_run)); then
+    run "${ip_cmd[@]}"
+    coordinator_ip="COORDINATOR_IP"
+  else
+    coordinator_ip="$("${ip_cmd[@]}")"
+    [[ -n "$coordinator_ip" ]] || die "no internal address for worker 0 of ${nodes[0]}"
+  fi
+fi
+node_command() {  # $1 = slice id: the worker command of that node
+  local cmd="$train"
+  if ((slices > 1)); then
+    cmd+=" MEGASCALE_COORDINATOR_ADDRESS=$coordinator_ip:$megascale_port"
+    cmd+=" MEGASCALE_NUM_SLICES=$slices MEGASCALE_SLICE_ID=$1 MEGASCALE_PORT=$megascale_port"
+  fi
+  printf '%s' "$cmd$run_jaxlm"
+}
 
 for node in "${nodes[@]}"; do
   run gcloud compute tpus tpu-vm ssh "$node" "${gflags[@]}" --worker=all --command="$install"
 done
 pids=()
-for node in "${nodes[@]}"; do
+for i in "${!nodes[@]}"; do
+  node="${nodes[i]}"
   if ((dry_run)) || ((slices == 1)); then
-    run gcloud compute tpus tpu-vm ssh "$node" "${gflags[@]}" --worker=all --command="$train"
+    run gcloud compute tpus tpu-vm ssh "$node" "${gflags[@]}" --worker=all \
+      --command="$(node_command "$i")"
   else  # slices start together: jax.distributed waits for all of them
     run gcloud compute tpus tpu-vm ssh "$node" "${gflags[@]}" --worker=all \
-      --command="$train" &
+      --command="$(node_command "$i")" &
     pids+=("$!")
   fi
 done

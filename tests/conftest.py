@@ -1,7 +1,9 @@
 """Test setup: 8 simulated CPU devices, no hub access, and one persistent compilation cache
 for the session (subprocesses inherit it), so identical train steps compile once."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,9 +13,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# jaxlm's own cache (jaxlm.compile_cache) keeps a directory JAX already has: tests never write
+# to ~/.cache/jaxlm/xla.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-jit-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+def _session_cache() -> str:
+    """A fresh JAXLM_CACHE for the session, so token stores built by tests never land in the
+    user's cache; it links the user's downloaded corpora and test files (nothing is fetched
+    twice)."""
+    real = Path(os.environ.get("JAXLM_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlm").expanduser()
+    tmp = Path(tempfile.mkdtemp(prefix="jaxlm-test-cache-"))
+    for shared in ("corpora", "testdata"):
+        (real / shared).mkdir(parents=True, exist_ok=True)
+        (tmp / shared).symlink_to(real / shared)
+    atexit.register(shutil.rmtree, tmp, True)
+    return str(tmp)
+
+
+os.environ["JAXLM_CACHE"] = _session_cache()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

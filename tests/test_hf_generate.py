@@ -1,5 +1,5 @@
 """The user's path against HF: `jaxlm.load(HF dir).generate(text)` emits the tokens of HF
-`model.generate(**tokenizer(text))`, for GPT-2, Llama, BART, T5 and Marian (greedy; beam
+`model.generate(**tokenizer(text))`, for GPT-2, Llama, Mixtral, BART, T5 and Marian (greedy; beam
 search for the encoder-decoders). Each directory holds a tiny random-weight model and a
 tokenizer saved as the Hub ships them: a tokenizer.json whose post-processor template adds
 the special tokens (Llama `<s> $A`, BART `<s> $A </s>`, T5 and Marian `$A </s>`) and a
@@ -102,6 +102,14 @@ def llama_model(tok):
         tie_word_embeddings=False, **_ids(tok, "bos", "eos")))
 
 
+def mixtral_model(tok):
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+        **_ids(tok, "bos", "eos")))
+
+
 def bart_model(tok):
     return transformers.BartForConditionalGeneration(transformers.BartConfig(
         vocab_size=len(tok), **SIDES, **_ids(tok, "bos", "eos", "pad"),
@@ -124,7 +132,8 @@ def marian_model(tok):
 
 FAMILIES = {"gpt2": (gpt2_tokenizer, gpt2_model), "llama": (llama_tokenizer, llama_model),
             "bart": (bart_tokenizer, bart_model), "t5": (t5_tokenizer, t5_model),
-            "marian": (marian_tokenizer, marian_model)}
+            "marian": (marian_tokenizer, marian_model),
+            "mixtral": (llama_tokenizer, mixtral_model)}
 SEQ2SEQ = ("bart", "t5", "marian")
 
 
@@ -156,7 +165,7 @@ def hf_dir(request, tmp_path_factory):
     model = randomise(make_model(tok))
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    if name == "llama":  # as the Hub's Llama tokenizers say it beside their template
+    if name in ("llama", "mixtral"):  # as the Hub's Llama tokenizers say beside the template
         path = d / "tokenizer_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "add_bos_token": True,
                                     "add_eos_token": False}))
@@ -250,8 +259,8 @@ def test_pair_rows_read_what_generate_reads(tmp_path):
 
     rows = pipeline.PairBatches.from_pairs(pairs, llama, 16, 2, 0)
     assert rows.tgt[0][:int(rows.tgt_mask[0].sum())].tolist() == [
-        1, *llama.encode("a dog ran"), 2]
+        1, *llama.encode("a dog ran", add_special_tokens=False), 2]
     prompted = pipeline.prompted_rows(pairs, llama, 32)
-    context = [1, *llama.encode("the cat sat on the mat")]
+    context = llama.encode("the cat sat on the mat")  # HF's default: within <s> $A
     assert prompted["inputs"][0][:len(context)].tolist() == context
     assert llama.encode_input(pipeline.answer_prompt(pairs[0][0]))[:len(context)] == context

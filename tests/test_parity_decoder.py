@@ -186,7 +186,7 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
         save_hf(dataclasses.replace(cfg, preset="gpt3", local_window=4), params, tmp_path / "o")
     with pytest.raises(ConversionError, match="gated"):
         save_hf(dataclasses.replace(cfg, gated_mlp=True), params, tmp_path / "o")
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------- `jaxlm convert`

@@ -285,11 +285,12 @@ def test_bert_wordpiece(minilm_dir: Path, tmp_path: Path) -> None:
     for d in (minilm_dir, vocab_only):
         tok, ref = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
         assert isinstance(tok, HFTokenizer)
-        assert tok.encode("hello") == [7592]
+        assert tok.encode("hello", add_special_tokens=False) == [7592]
+        assert tok.encode("hello") == ref.encode("hello") == [101, 7592, 102]  # HF's default
         assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.unk_id) == (
             30522, 0, 101, 102, 103, 100)
         for s in strings:
-            ids = tok.encode(s)
+            ids = tok.encode(s, add_special_tokens=False)
             assert ids == ref(s, add_special_tokens=False)["input_ids"], s
             assert tok.encode_input(s) == ref(s)["input_ids"] == [101, *ids, 102], s
             assert tok.decode([101, *ids, 102, 0]) == ref.decode(ids, skip_special_tokens=True)
@@ -326,12 +327,13 @@ def test_llama2_tokenizer_json(llama2_json: Path, tmp_path: Path) -> None:
     d = _dir_with(tmp_path / "llama2", {"tokenizer.json": llama2_json})
     tok = load_tokenizer(d)
     ref = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
-    assert tok.encode("Hello world") == [15043, 3186]
+    assert tok.encode("Hello world", add_special_tokens=False) == [15043, 3186]
     assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (
         32000, None, 1, 2, 0)
     for s in STRINGS + ["x<s>y</s>z"]:
-        ids = tok.encode(s)
+        ids = tok.encode(s, add_special_tokens=False)
         assert ids == ref(s, add_special_tokens=False)["input_ids"], s
+        assert tok.encode(s) == ref.encode(s), s  # HF's default: within its <s> $A template
         assert tok.encode_input(s) == ref(s)["input_ids"] == [1, *ids], s  # its <s> $A template
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
     _assert_save_load(tok, tmp_path / "saved", STRINGS)

@@ -3,9 +3,23 @@
 Each supported HF `model_type` has a module in this package that provides:
 
     config_from_hf(hf_config: dict) -> dict            # jaxlm `model.*` fields
-    params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> params pytree
+    params_from_hf(tensors: Mapping[str, array], cfg: ModelConfig) -> params pytree
     params_to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]
     hf_config_from(cfg: ModelConfig) -> dict            # config.json for the HF class
+
+Loading is lazy (jaxlm.convert.lazy): `tensors` maps each HF name to a `Lazy` recipe, not
+an array, and `params_from_hf` returns the *mapping* from jaxlm parameter to HF tensors: a
+tree whose leaves are recipes (read these tensors, transpose/reshape/slice/stack them). The
+loader then builds one parameter at a time in the target dtype, straight into its sharding
+(`jaxlm.convert.hf.place`), never the whole model on the host. For that to hold, write
+`params_from_hf` with:
+  - `take(tensors, name, shape)` for every tensor (checks presence and shape; a recipe),
+  - `.T`, `.transpose(...)`, `.reshape(...)`, indexing/slicing, arithmetic (float32, as
+    before) on what `take` returns, `np.stack`/`np.concatenate` or `stack_layers`,
+  - `name in tensors` and iterating over `tensors` (names only, nothing is read);
+anything else numpy does (np.allclose, np.asarray) still works by reading the tensors then,
+in float32. `params_from_hf` also accepts a plain dict of numpy arrays (tests do), and then
+returns float32 arrays as before.
 
 Parameters are built for `cfg.scan_layers` (stacked on a leading layer axis) or unrolled;
 `stack_layers`/`unstack_layers` convert between a list of per-layer trees and either layout.
@@ -18,6 +32,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jaxlm.convert.lazy import Lazy
 
 
 class ConversionError(ValueError):
@@ -41,6 +57,7 @@ def family_module(model_type: str, family: str | None = None):
 def stack_layers(layers: list[Any], scan: bool, prefix: str = "layers") -> dict[str, Any]:
     """Per-layer trees -> {'layers': stacked} (scan) or {'layers_0': ..., 'layers_1': ...}."""
     if scan:
+        # np.stack of recipes is a lazy stack (Lazy.__array_function__).
         return {prefix: jax.tree.map(lambda *xs: np.stack(xs), *layers)}
     return {f"{prefix}_{i}": layer for i, layer in enumerate(layers)}
 
@@ -54,10 +71,13 @@ def unstack_layers(stack: dict[str, Any], num_layers: int, prefix: str = "layers
 
 def take(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...] | None = None
          ) -> np.ndarray:
-    """A tensor by HF name, checked for presence and shape (named in the error)."""
+    """A tensor by HF name, checked for presence and shape (named in the error): a `Lazy`
+    recipe from a lazily opened checkpoint, else a float32 array."""
     if name not in tensors:
         raise ConversionError(f"tensor '{name}' is missing from the checkpoint")
-    t = np.asarray(tensors[name], dtype=np.float32)
+    t = tensors[name]
+    if not isinstance(t, Lazy):
+        t = np.asarray(t, dtype=np.float32)
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ConversionError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
     return t

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.convert import ConversionError, stack_layers, take, unstack_layers
+from jaxlm.convert.gpt2 import require_unset
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -96,6 +97,7 @@ def _check(cfg: ModelConfig) -> None:
         raise ConversionError(f"model.preset='{cfg.preset}' with these settings has no BERT/"
                               "RoBERTa equivalent (needs post-LN, learned positions, biases, "
                               "no GQA/gating, head_dim = d_model / num_heads)")
+    require_unset(cfg, _kind(cfg))
     want = cfg.pad_token_id + 1 if _kind(cfg) == "roberta" else 0
     if cfg.position_offset != want:
         raise ConversionError(f"{_kind(cfg)} needs model.position_offset={want} "

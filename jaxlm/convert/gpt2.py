@@ -37,6 +37,21 @@ def require(ok: bool, what: str, model_type: str) -> None:
         raise ConversionError(f"cannot convert to HF '{model_type}': {what}")
 
 
+# Fields of the newer decoder variants (Llama 3, Qwen, Gemma), each off by default: an
+# exporter refuses a model that sets one its HF class cannot hold, rather than drop it.
+VARIANT_FIELDS = ("rope_scaling", "qkv_bias", "qk_norm", "sandwich_norm", "attention_softcap",
+                  "final_logit_softcap", "local_pattern", "rope_local_theta", "embed_scale")
+
+
+def require_unset(cfg: ModelConfig, model_type: str, keep: tuple[str, ...] = ()) -> None:
+    """Refuses an export of a model that sets a VARIANT_FIELDS field not in `keep`."""
+    defaults = ModelConfig()
+    for name in VARIANT_FIELDS:
+        value = getattr(cfg, name)
+        require(name in keep or value == getattr(defaults, name),
+                f"it has no model.{name} (the model sets {value!r})", model_type)
+
+
 def bias_or_zeros(module: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
     """A projection's bias, or zeros when the model has none (exact for HF classes that
     always carry biases)."""
@@ -133,6 +148,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
     require(cfg.attention_scale in (0.0, 1.0, head_dim(cfg) ** -0.5),
             f"model.attention_scale={cfg.attention_scale} (GPT-2 scales by 1/sqrt(head_dim) "
             "or not at all)", t)
+    require_unset(cfg, t)
 
 
 def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -24,20 +24,22 @@ from jaxlm.convert.gpt2 import (
     ln_to_hf,
     np_tree,
     require,
+    require_unset,
 )
+from jaxlm.models import attention as attn
 
 _PROJ = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 
 
-def _local_every(kinds: list[str]) -> int:
-    """jaxlm makes layer i local iff i % every == every - 1; the `every` matching `kinds`."""
+def _layer_pattern(kinds: list[str]) -> dict[str, Any]:
+    """model.local_every (layer i local iff i % every == every - 1) where it matches `kinds`,
+    else model.local_pattern."""
     if "local" not in kinds:
-        return 2
+        return {"local_every": 2}
     for every in range(1, len(kinds) + 1):
         if all((k == "local") == (i % every == every - 1) for i, k in enumerate(kinds)):
-            return every
-    raise ConversionError(f"GPT-Neo attention_layers {kinds} is not a supported pattern "
-                          "(jaxlm makes every N-th layer local, counting from 1)")
+            return {"local_every": every}
+    return {"local_pattern": attn.pattern_of([k == "local" for k in kinds])}
 
 
 def _layer_kinds(hf: dict[str, Any]) -> list[str]:
@@ -66,7 +68,7 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0,
         init_std=hf.get("initializer_range", 0.02), attention_scale=1.0,
         local_window=hf["window_size"] if "local" in kinds else 0,
-        local_every=_local_every(kinds))
+        **_layer_pattern(kinds))
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
@@ -107,6 +109,7 @@ def _check_exportable(cfg: ModelConfig) -> None:
     require(cfg.num_kv_heads in (0, cfg.num_heads) and head_dim(cfg) * cfg.num_heads
             == cfg.d_model, "GPT-Neo has plain multi-head attention with d_model = heads × "
             "head_dim", t)
+    require_unset(cfg, t, keep=("local_pattern",))
 
 
 def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -137,9 +140,7 @@ def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarr
 
 def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
     _check_exportable(cfg)
-    local = [cfg.local_window > 0 and i % cfg.local_every == cfg.local_every - 1
-             for i in range(cfg.num_layers)]
-    kinds = ["local" if x else "global" for x in local]
+    kinds = ["local" if x else "global" for x in attn.local_layers(cfg)]
     return {
         "architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo",
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,

@@ -1,5 +1,9 @@
-"""Read and write HF model directories (config.json + *.safetensors) through the family
-modules the family specs list (jaxlm.families). safetensors only: no torch.load, no pickle."""
+"""Read and write HF model directories (config.json + *.safetensors, one file or shards
+with model.safetensors.index.json) through the family modules the family specs list
+(jaxlm.families). safetensors only: no torch.load, no pickle.
+
+Loading is lazy: `lazy_params` gives the parameter tree as recipes (jaxlm.convert.lazy) and
+`place` builds one parameter at a time, in its target dtype, straight into its sharding."""
 
 from __future__ import annotations
 
@@ -7,12 +11,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from jaxlm import config as config_lib
 from jaxlm.config import ModelConfig
 from jaxlm.convert import ConversionError, family_module
+from jaxlm.convert.lazy import fill, materialize
+from jaxlm.convert.safetensors_files import (
+    DEFAULT_MAX_SHARD_BYTES,
+    SafetensorsCheckpoint,
+    write_shards,
+)
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
@@ -35,15 +46,9 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def read_tensors(hf_dir: str | Path) -> dict[str, np.ndarray]:
-    files = sorted(Path(hf_dir).glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"no *.safetensors file in '{hf_dir}' (pickled .bin checkpoints "
-                              "are not loaded; re-save with safe_serialization=True)")
-    tensors: dict[str, np.ndarray] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
+def read_tensors(hf_dir: str | Path) -> SafetensorsCheckpoint:
+    """The directory's tensors by HF name, opened lazily (headers only, nothing read)."""
+    return SafetensorsCheckpoint(hf_dir)
 
 
 def model_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -54,31 +59,92 @@ def model_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelCo
     return config_lib.from_dict(raw["model"], ModelConfig, "model.")
 
 
+def lazy_params(hf_dir: str | Path, cfg: ModelConfig) -> Any:
+    """The parameter tree of an HF directory for `cfg`, each leaf a recipe (nothing read)."""
+    hf_dir = Path(hf_dir)
+    model_type = read_hf_config(hf_dir)["model_type"]
+    try:
+        return family_module(model_type).params_from_hf(read_tensors(hf_dir), cfg)
+    except KeyError as e:
+        raise ConversionError(f"the safetensors in '{hf_dir}' lack the tensor {e}") from None
+
+
+def check_tree(abstract: Any, params: Any) -> None:
+    """Same parameter paths and shapes as the model's, else ConversionError naming one."""
+    want = {jax.tree_util.keystr(p): x.shape
+            for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    got = {jax.tree_util.keystr(p): np.shape(x)
+           for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    for key in sorted(want.keys() | got.keys()):
+        if key not in got:
+            raise ConversionError(f"converted parameters lack {key}")
+        if key not in want:
+            raise ConversionError(f"converted parameter {key} is not in the jaxlm model")
+        if tuple(want[key]) != tuple(got[key]):
+            raise ConversionError(f"converted parameter {key} has shape {tuple(got[key])}, "
+                                  f"the model expects {tuple(want[key])}")
+
+
+def place(params: Any, abstract: Any) -> Any:
+    """`params` (recipes or arrays) as jax Arrays in the dtype and sharding of each leaf of
+    `abstract` (ShapeDtypeStructs carrying shardings). One parameter is on the host at a
+    time, in its target dtype; each device receives its shard of it (with several
+    processes, each reads the whole parameter and keeps its own devices' shards)."""
+    check_tree(abstract, params)
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    targets = treedef.flatten_up_to(abstract)
+    placed = []
+    for x, target in zip(flat, targets, strict=True):
+        host = _aligned_empty(target.shape, target.dtype)
+        fill(x, host)
+        placed.append(jax.make_array_from_callback(target.shape, target.sharding,
+                                                   lambda index, h=host: h[index]))
+        del host  # before the next parameter is read
+    return jax.tree_util.tree_unflatten(treedef, placed)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array at a 64-byte boundary: a CPU device adopts such a buffer
+    whole instead of copying it (the only memory on a CPU host is the host's)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def load_hf(hf_dir: str | Path, *, scan_layers: bool = False) -> tuple[ModelConfig, Any]:
-    """(ModelConfig, params) from an HF directory."""
-    hf_config = read_hf_config(hf_dir)
-    cfg = model_config_from_hf(hf_config, scan_layers=scan_layers)
-    params = family_module(hf_config["model_type"]).params_from_hf(read_tensors(hf_dir), cfg)
+    """(ModelConfig, params as float32 numpy arrays) from an HF directory; jaxlm.load reads
+    one straight onto devices instead."""
+    cfg = model_config_from_hf(read_hf_config(hf_dir), scan_layers=scan_layers)
+    params = jax.tree.map(lambda x: materialize(x, np.float32), lazy_params(hf_dir, cfg))
     return cfg, params
 
 
-def save_hf(cfg: ModelConfig, params: Any, out_dir: str | Path) -> Path:
-    """Writes config.json + model.safetensors that the HF class for `cfg` loads."""
+def save_hf(cfg: ModelConfig, params: Any, out_dir: str | Path, *, dtype: str = "float32",
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes config.json + the safetensors (shards of at most `max_shard_bytes` with an
+    index when one file would be larger) in `dtype`, which the HF class for `cfg` loads. A
+    model the HF class cannot hold is refused (ConversionError) before anything is written."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     module = family_module(hf_model_type(cfg), family=cfg.family)
-    tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32))
-               for k, v in module.params_to_hf(params, cfg).items()}
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(module.hf_config_from(cfg), indent=2) + "\n")
+    hf_config = module.hf_config_from(cfg)
+    tensors = module.params_to_hf(params, cfg)
+    write_shards(tensors, out, dtype=jnp.dtype(dtype), max_shard_bytes=max_shard_bytes)
+    hf_config["dtype"] = str(dtype)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """The HF model_type a jaxlm preset converts to."""
     mapping = {"gpt2": "gpt2", "gpt3": "gpt2", "gpt-neo": "gpt_neo", "llama": "llama",
+               "mistral": "mistral", "mixtral": "mixtral", "qwen2": "qwen2", "qwen3": "qwen3",
+               "gemma2": "gemma2", "gemma3": "gemma3_text",
                "bert": "bert", "roberta": "roberta", "t5": "t5", "bart": "bart",
                "marian": "marian"}
+    if cfg.num_experts:  # any MoE decoder exports as Mixtral (which refuses what it can't hold)
+        return "mixtral"
     # Sized variants ("gpt3-1.3b", "llama3-8b") convert like the longest preset they extend.
     known = sorted((k for k in mapping if cfg.preset.startswith(k)), key=len)
     if not known:

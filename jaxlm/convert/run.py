@@ -18,24 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from safetensors import SafetensorError
 
 from jaxlm import config as config_lib
 from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError, MeshConfig, TrainConfig
 from jaxlm.convert import ConversionError, family_module
-from jaxlm.convert.hf import read_hf_config, read_tensors, save_hf
-from jaxlm.data.tokenizers import HFTokenizer, Tokenizer, decoder_start_id, load_tokenizer
+from jaxlm.convert.hf import lazy_params, place, read_hf_config, save_hf
+from jaxlm.convert.hf_tokenizer import save_for_hf
+from jaxlm.convert.safetensors_files import DEFAULT_MAX_SHARD_BYTES
+from jaxlm.data.tokenizers import Tokenizer, decoder_start_id, load_tokenizer
 from jaxlm.families import registry
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
-from jaxlm.train.state import TrainState, state_shardings
+from jaxlm.train.state import TrainState, state_from_params, state_shardings
 
 # model.* keys a conversion may set; the rest come from the HF config (they shape the params).
 MODEL_OVERRIDES = ("scan_layers", "remat", "dropout", "attention", "dtype", "param_dtype")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_out(out: Path) -> None:
@@ -81,37 +81,15 @@ def run_config(hf_config: dict[str, Any], name: str, overrides: list[str] | None
     return cfg
 
 
-def _check_tree(abstract: Any, params: Any) -> None:
-    want = {jax.tree_util.keystr(p): x.shape
-            for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-    got = {jax.tree_util.keystr(p): np.shape(x)
-           for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    for key in sorted(want.keys() | got.keys()):
-        if key not in got:
-            raise ConversionError(f"converted parameters lack {key}")
-        if key not in want:
-            raise ConversionError(f"converted parameter {key} is not in the jaxlm model")
-        if tuple(want[key]) != tuple(got[key]):
-            raise ConversionError(f"converted parameter {key} has shape {tuple(got[key])}, "
-                                  f"the model expects {tuple(want[key])}")
-
-
 def train_state(cfg: Config, params: Any) -> TrainState:
-    """A step-0 TrainState holding `params` (fresh optimizer state) on one device."""
+    """A step-0 TrainState holding `params` (recipes or arrays; fresh optimizer state) on one
+    device, each parameter read and placed on its own."""
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     model = registry.of(cfg.model).build_model(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh):
         abstract, shardings = state_shardings(model, tx, mesh)
-        _check_tree(abstract.params, params)
-        params = jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
-                              params, abstract.params)
-        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-        # As init_state does: the dropout base key is fold_in(PRNGKey(seed), 1).
-        rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1),
-                             shardings.rng)
-        step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
-        return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+        return state_from_params(place(params, abstract.params), tx, shardings, cfg.seed)
 
 
 def _hf_tokenizer(hf_dir: Path) -> Tokenizer | None:
@@ -128,15 +106,7 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path,
     _check_out(out)
     hf_config = read_hf_config(hf_dir)
     cfg = run_config(hf_config, hf_dir.resolve().name, overrides)
-    try:
-        tensors = read_tensors(hf_dir)
-    except SafetensorError as e:
-        raise ConversionError(f"cannot read the safetensors in '{hf_dir}': {e}") from None
-    try:
-        params = family_module(hf_config["model_type"]).params_from_hf(tensors, cfg.model)
-    except KeyError as e:
-        raise ConversionError(f"the safetensors in '{hf_dir}' lack the tensor {e}") from None
-    state = train_state(cfg, params)
+    state = train_state(cfg, lazy_params(hf_dir, cfg.model))
     tokenizer = _hf_tokenizer(hf_dir)
     tmp = _staging(out)
     try:
@@ -154,22 +124,10 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _token(tok: HFTokenizer, i: int | None) -> str | None:
-    return None if i is None else tok.tokenizer.id_to_token(i)
-
-
 def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """The tokenizer's own files (tokenizer.json or tokenizer.model, plus jaxlm's role ids),
-    a tokenizer_config.json for `AutoTokenizer` where HF can read it, and the special ids in
-    config.json."""
-    tokenizer.save(out)
-    if isinstance(tokenizer, HFTokenizer):
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        for role in ("bos", "eos", "pad", "unk", "mask"):
-            text = _token(tokenizer, getattr(tokenizer, f"{role}_id"))
-            if text is not None:
-                tok_cfg[f"{role}_token"] = text
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    """The tokenizer as AutoTokenizer loads it (jaxlm.convert.hf_tokenizer), and its special
+    ids in config.json."""
+    save_for_hf(tokenizer, out)
     config_path = out / "config.json"
     hf_config = json.loads(config_path.read_text())
     for role in ("bos", "eos", "pad"):
@@ -179,12 +137,17 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     config_path.write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def run_to_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Writes the newest checkpoint of a jaxlm run as an HF model directory `out_dir`."""
+def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32",
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes the newest checkpoint of a jaxlm run (or an export) as an HF model directory
+    `out_dir`: safetensors in `dtype`, in shards of at most `max_shard_bytes` with an index
+    when they do not fit in one."""
     from jaxlm.api import load
 
     out = Path(out_dir)
     _check_out(out)
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     lm = load(run_dir)
     params = jax.device_get(lm.params)
     # The decoder start the run used (-1: its tokenizer's BOS), as HF's decoder_start_token_id.
@@ -193,7 +156,7 @@ def run_to_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
                                                                       lm.tokenizer))
     tmp = _staging(out)
     try:
-        save_hf(model_cfg, params, tmp)
+        save_hf(model_cfg, params, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
         if lm.tokenizer is not None:
             save_hf_tokenizer(lm.tokenizer, tmp)
         return _publish(tmp, out)

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.convert import ConversionError, stack_layers, take, unstack_layers
+from jaxlm.convert.gpt2 import VARIANT_FIELDS
 from jaxlm.models.transformer import head_dim
 
 Table = list[tuple[str, str, str]]
@@ -155,8 +156,10 @@ def output_from(tensors: dict[str, np.ndarray], cfg: ModelConfig, shared: np.nda
 
 
 def require(cfg: ModelConfig, model_type: str, **expected: Any) -> None:
-    """Raises ConversionError naming every model.* field the HF class cannot express."""
-    bad = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in expected.items()
+    """Raises ConversionError naming every model.* field the HF class cannot express; the
+    decoder variants' fields (VARIANT_FIELDS) must be off unless `expected` names them."""
+    off = {k: getattr(ModelConfig(), k) for k in VARIANT_FIELDS if k != "embed_scale"}
+    bad = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in {**off, **expected}.items()
            if getattr(cfg, k) != v]
     if bad:
         raise ConversionError(f"HF '{model_type}' cannot represent this model: {', '.join(bad)}")

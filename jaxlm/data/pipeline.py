@@ -1,142 +1,24 @@
-"""Text -> token arrays -> deterministic, checkpointable language-model batches.
-
-The batch at global position p is a pure function of (seed, p): epoch = p // batches_per_epoch
-picks a window offset and a permutation of fixed-length windows. Resuming at position p
-therefore replays exactly the batches an uninterrupted run would have seen. Each process
-materialises only its own rows of the global batch.
-"""
+"""Batch sources: what the training loop reads. `batch(p)` is this process's rows of the
+global batch at position p, a pure function of (seed, p), so a resumed run replays exactly
+the batches an uninterrupted run would have seen. They read through grain (jaxlm.data.loader):
+windows of a token stream (an array or a token store span), ready-made rows (packed
+documents, prompt -> answer rows) and (source, target) pairs."""
 
 from __future__ import annotations
 
-import glob
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
-from jaxlm.config import DataConfig
-from jaxlm.data.batch import Batch, LMBatch, Seq2SeqBatch, seq2seq_batch, take_rows
+from jaxlm.data.batch import Batch, seq2seq_batch, take_rows
+from jaxlm.data.errors import DataError
+from jaxlm.data.loader import Examples, GrainBatches, read_windows, window_starts
+from jaxlm.data.paths import expand_files
 
-log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad or missing training data; the CLI prints it and exits with code 2."""
-
-
-# ---------------------------------------------------------------- reading text
-
-def expand_files(patterns: list[str]) -> list[str]:
-    files: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        if Path(pattern).is_dir():
-            matches = sorted(str(p) for p in Path(pattern).rglob("*")
-                             if p.suffix in (".txt", ".jsonl", ".json") and p.is_file())
-            if not matches:
-                raise DataError(f"data directory '{pattern}' has no .txt/.jsonl files")
-        if not matches:
-            raise DataError(f"data file '{pattern}' not found")
-        files += [m for m in matches if Path(m).is_file()]
-    return files
-
-
-def _read_text_file(path: str, utf8_errors: str) -> list[str]:
-    """One document per .txt file via HF datasets; bytes that are not UTF-8 are replaced
-    (and counted in a warning) or refused, as data.utf8_errors says."""
-    import datasets
-
-    raw = Path(path).read_bytes()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if utf8_errors == "error":
-            raise DataError(f"'{path}' is not valid UTF-8 (byte {e.start}); fix the file or "
-                            "set data.utf8_errors=replace") from None
-        bad = raw.decode("utf-8", errors="replace").count("\ufffd")
-        log.warning("%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD", path, bad)
-    ds = datasets.load_dataset("text", data_files=path, split="train", sample_by="document",
-                               encoding_errors="replace")
-    return ds["text"]
-
-
-def read_texts(files: list[str], text_field: str = "text",
-               utf8_errors: str = "replace") -> list[str]:
-    """Documents from local .txt (one document per file) or .jsonl/.json files, via HF datasets."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    docs: list[str] = []
-    for f in files:
-        if f.endswith((".jsonl", ".json")):
-            try:
-                ds = datasets.load_dataset("json", data_files=f, split="train")
-            except Exception as e:  # datasets raises many types for malformed json
-                raise DataError(f"could not read '{f}' as JSON lines: {str(e)[:200]}") from None
-            if text_field not in ds.column_names:
-                raise DataError(f"'{f}' has no field '{text_field}' (fields: "
-                                f"{', '.join(ds.column_names)}); set data.text_field")
-            docs += [t for t in ds[text_field] if t]
-        else:
-            docs += [t for t in _read_text_file(f, utf8_errors) if t]
-    if not any(d.strip() for d in docs):
-        raise DataError(f"no text in {', '.join(files)}: the corpus is empty")
-    return docs
-
-
-@dataclass
-class TextSplits:
-    train: list[str]
-    valid: list[str]
-    source: str
-
-
-def load_text(cfg: DataConfig, progress: bool = True) -> TextSplits:
-    """Training and validation documents from local files or a prepared corpus."""
-    if cfg.files:
-        train_docs = read_texts(expand_files(cfg.files), cfg.text_field, cfg.utf8_errors)
-        if cfg.valid_files:
-            valid_docs = read_texts(expand_files(cfg.valid_files), cfg.text_field,
-                                    cfg.utf8_errors)
-        else:
-            train_docs, valid_docs = _hold_out(train_docs, cfg.valid_fraction)
-        return TextSplits(train_docs, valid_docs, ",".join(cfg.files))
-    from jaxlm.data.prepare import prepare
-
-    corpus = prepare(cfg.name, progress=progress)
-    return TextSplits([corpus.train.read_text("utf-8")], [corpus.valid.read_text("utf-8")],
-                      f"prepared:{cfg.name}")
-
-
-def _hold_out(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Last `fraction` of the documents (or of the characters, for one document)."""
-    if len(docs) >= 20:
-        n = max(1, int(len(docs) * fraction))
-        return docs[:-n], docs[-n:]
-    text = "\n".join(docs)
-    cut = int(len(text) * (1 - fraction))
-    if cut <= 0 or cut >= len(text):
-        raise DataError("the corpus is too small to hold out a validation split")
-    return [text[:cut]], [text[cut:]]
-
-
-def tokenize(docs: list[str], tokenizer, progress: bool = False) -> np.ndarray:
-    """Concatenated token ids of all documents, separated by EOS where the tokenizer has one
-    (`progress`: a bar over the documents when stderr is a terminal)."""
-    from jaxlm.progress import bar
-
-    parts = []
-    for doc in bar(docs, desc="tokenize", unit="doc", quiet=not progress, leave=False):
-        parts.append(np.asarray(tokenizer.encode(doc), dtype=np.int32))
-        if tokenizer.eos_id is not None and len(docs) > 1:
-            parts.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
-    tokens = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-    return tokens
+__all__ = ["DataError", "expand_files"]
 
 
 # ---------------------------------------------------------------- batches
@@ -151,57 +33,17 @@ class BatchSource(Protocol):
     def batch(self, position: int) -> Batch: ...
 
 
-@dataclass
-class LMBatches:
-    """Fixed-length windows of a token stream, shuffled per epoch; batch(p) is pure in p."""
+class LMBatches(GrainBatches):
+    """Windows of seq_len + 1 tokens of a token stream (an array, or a span of a token
+    store: read by random access), shuffled by (seed, epoch)."""
 
-    tokens: np.ndarray
-    seq_len: int
-    batch_size: int  # global
-    seed: int = 0
-    shuffle: bool = True
-    process_index: int = 0
-    process_count: int = 1
-
-    def __post_init__(self) -> None:
-        if self.batch_size % self.process_count:
-            raise DataError(f"train.batch_size={self.batch_size} is not divisible by the "
-                            f"{self.process_count} processes")
-        if self.num_windows(0) < 1:
-            raise DataError(f"the corpus has {len(self.tokens)} tokens, fewer than one "
-                            f"sequence of train.seq_len={self.seq_len}+1")
-
-    def _offset(self, epoch: int) -> int:
-        if not self.shuffle:
-            return 0
-        return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.seq_len))
-
-    def num_windows(self, epoch: int) -> int:
-        return (len(self.tokens) - 1 - self._offset(epoch)) // self.seq_len
-
-    @property
-    def batches_per_epoch(self) -> int:
-        # Smallest over epochs' offsets, so every epoch has the same number of batches.
-        return max(1, (len(self.tokens) - self.seq_len) // self.seq_len // self.batch_size)
-
-    def rows(self, position: int) -> np.ndarray:
-        """Window indices of the global batch at `position` (all processes)."""
-        epoch, index = divmod(position, self.batches_per_epoch)
-        n = self.num_windows(epoch)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        idx = np.arange(index * self.batch_size, (index + 1) * self.batch_size) % n
-        return order[idx]
-
-    def batch(self, position: int) -> LMBatch:
-        """This process's rows of the global batch at `position`."""
-        rows = self.rows(position)
-        per = self.batch_size // self.process_count
-        rows = rows[self.process_index * per:(self.process_index + 1) * per]
-        starts = self._offset(position // self.batches_per_epoch) + rows * self.seq_len
-        windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
-        return LMBatch(inputs=windows[:, :-1], targets=windows[:, 1:],
-                       loss_mask=np.ones((len(rows), self.seq_len), np.float32))
+    def __init__(self, tokens: Any, seq_len: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        super().__init__(window_starts(len(tokens), seq_len, seed, shuffle),
+                         read_windows(tokens, seq_len), batch_size, seed=seed,
+                         shuffle=shuffle, process_index=process_index,
+                         process_count=process_count)
 
 
 def pack_documents(docs: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -259,31 +101,21 @@ def read_pairs(files: list[str], source_field: str, target_field: str) -> list[t
     return pairs
 
 
-def _local_rows(src, n: int, position: int) -> np.ndarray:
-    """This process's row indices of the global batch at `position` over `n` examples
-    shuffled per epoch by (seed, epoch): a pure function of the position."""
-    epoch, index = divmod(position, src.batches_per_epoch)
-    order = (np.random.default_rng([src.seed, epoch]).permutation(n) if src.shuffle
-             else np.arange(n))
-    rows = order[np.arange(index * src.batch_size, (index + 1) * src.batch_size) % n]
-    per = src.batch_size // src.process_count
-    return rows[src.process_index * per:(src.process_index + 1) * per]
+class PairBatches(GrainBatches):
+    """Padded (source, target) pairs, shuffled by (seed, epoch)."""
 
+    def __init__(self, src: np.ndarray, src_mask: np.ndarray, tgt: np.ndarray,
+                 tgt_mask: np.ndarray, batch_size: int, start_id: int, **kw: Any):
+        # src/tgt [N, S|T] padded; targets end with EOS where it fits
+        self.src, self.src_mask, self.tgt, self.tgt_mask = src, src_mask, tgt, tgt_mask
+        self.start_id = start_id
 
-@dataclass
-class PairBatches:
-    """Padded (source, target) pairs, shuffled per epoch; batch(p) is pure in p."""
+        def collate(ids):
+            rows = np.asarray(ids)
+            return seq2seq_batch(src[rows], tgt[rows], src_mask[rows], tgt_mask[rows],
+                                 start_id)
 
-    src: np.ndarray  # [N, S] padded with pad_id
-    src_mask: np.ndarray
-    tgt: np.ndarray  # [N, T] padded; ends with EOS where it fits
-    tgt_mask: np.ndarray
-    batch_size: int
-    start_id: int
-    seed: int = 0
-    shuffle: bool = True
-    process_index: int = 0
-    process_count: int = 1
+        super().__init__(Examples(len(src)), collate, batch_size, **kw)
 
     @classmethod
     def from_pairs(cls, pairs: list[tuple[str, str]], tokenizer, seq_len: int, batch_size: int,
@@ -311,37 +143,20 @@ class PairBatches:
         tgt, tgt_mask = pad_to([target(b) for _, b in pairs])
         return cls(src, src_mask, tgt, tgt_mask, batch_size, start_id, **kw)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return max(1, len(self.src) // self.batch_size)
 
-    def batch(self, position: int) -> Seq2SeqBatch:
-        rows = _local_rows(self, len(self.src), position)
-        return seq2seq_batch(self.src[rows], self.tgt[rows], self.src_mask[rows],
-                             self.tgt_mask[rows], self.start_id)
+class RowBatches(GrainBatches):
+    """Ready-made rows (prompt -> answer rows: every field [N, seq_len]), or rows made on
+    demand (packed documents: `rows` has a length and `collate` makes a batch of row ids),
+    shuffled by (seed, epoch)."""
 
-
-@dataclass
-class RowBatches:
-    """Batches of ready-made rows (e.g. packed documents), shuffled per epoch; pure in p."""
-
-    rows: Batch  # every field [N, seq_len]
-    batch_size: int
-    seed: int = 0
-    shuffle: bool = True
-    process_index: int = 0
-    process_count: int = 1
-
-    @property
-    def num_rows(self) -> int:
-        return len(jax.tree.leaves(self.rows)[0])
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return max(1, self.num_rows // self.batch_size)
-
-    def batch(self, position: int) -> Batch:
-        return take_rows(self.rows, _local_rows(self, self.num_rows, position))
+    def __init__(self, rows: Batch | Any, batch_size: int, *,
+                 collate: Callable[[Any], Batch] | None = None, **kw: Any):
+        if collate is None:
+            self.num_rows = len(jax.tree.leaves(rows)[0])
+            collate = lambda ids: take_rows(rows, np.asarray(ids))  # noqa: E731
+        else:
+            self.num_rows = len(rows)
+        super().__init__(Examples(self.num_rows), collate, batch_size, **kw)
 
 
 @dataclass
@@ -360,13 +175,6 @@ class MappedBatches:
         return self.fn(self.source.batch(position))
 
 
-def packed_rows(docs: list[str], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    """Each document (ending in EOS where the tokenizer has one) packed into rows."""
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    return pack_documents([np.asarray(tokenizer.encode(d) + eos, np.int32) for d in docs],
-                          seq_len)
-
-
 ANSWER_CUE = "\nAnswer:"
 
 
@@ -383,17 +191,20 @@ def prompted_rows(pairs: list[tuple[str, str]], tokenizer, seq_len: int
     (or a newline). The loss covers only the target and its end. A source too long for the
     row loses its beginning, as generation would cut it, never the cue or the target."""
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    end = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
+    end = ([tokenizer.eos_id] if tokenizer.eos_id is not None
+           else tokenizer.encode("\n", add_special_tokens=False))
     before, after = tokenizer.input_affixes()
-    cue = tokenizer.encode(ANSWER_CUE) + after
+    cue = tokenizer.encode(ANSWER_CUE, add_special_tokens=False) + after
     n = len(pairs)
     rows = {"inputs": np.full((n, seq_len), pad, np.int32),
             "targets": np.full((n, seq_len), pad, np.int32),
             "loss_mask": np.zeros((n, seq_len), np.float32)}
     for i, (source, target) in enumerate(pairs):
-        answer = (tokenizer.encode(" " + target.strip()) + end)[:seq_len // 2]
+        answer = (tokenizer.encode(" " + target.strip(), add_special_tokens=False)
+                  + end)[:seq_len // 2]
         room = seq_len + 1 - len(answer) - len(cue) - len(before)
-        context = tokenizer.encode(source.rstrip())[-room:] if room > 0 else []
+        context = (tokenizer.encode(source.rstrip(), add_special_tokens=False)[-room:]
+                   if room > 0 else [])
         ids = before + context + cue + answer
         start = len(ids) - len(answer)  # index of the first answer token
         rows["inputs"][i, :len(ids) - 1] = ids[:-1]

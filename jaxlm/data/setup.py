@@ -6,15 +6,18 @@ text for data.files); nothing here guesses it from their contents."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import pipeline
+from jaxlm.data import corpus, pipeline
 from jaxlm.data.batch import LMBatch
+from jaxlm.data.packing import PackedRows
 from jaxlm.data.pipeline import BatchSource, DataError
+from jaxlm.data.store import TokenStore, store_root
 from jaxlm.data.tokenizers import Tokenizer, decoder_start_id, from_name, load_tokenizer
 from jaxlm.families import registry
 
@@ -60,10 +63,12 @@ def pair_files(cfg: Config) -> tuple[list[str], list[str]]:
     return [str(corpus.train)], [str(corpus.valid)]
 
 
-def _tokenizer(cfg: Config, run_dir: Path, texts: list[str]) -> Tokenizer:
+def _tokenizer(cfg: Config, run_dir: Path, texts: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The run's saved tokenizer, else data.tokenizer (`texts()`: what a BPE trains on)."""
     saved = run_dir / "tokenizer"
+    spec = cfg.data.tokenizer
     tok = load_tokenizer(saved) if saved.exists() else from_name(
-        cfg.data.tokenizer, texts=texts, vocab_size=cfg.data.bpe_vocab_size)
+        spec, texts=texts() if spec == "bpe" else None, vocab_size=cfg.data.bpe_vocab_size)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but "
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
@@ -89,7 +94,7 @@ def _pair_data(cfg: Config, run_dir: Path) -> TrainData:
     else:
         n = max(1, int(len(train_pairs) * d.valid_fraction))
         train_pairs, valid_pairs = train_pairs[:-n], train_pairs[-n:]
-    tok = _tokenizer(cfg, run_dir, [x for p in train_pairs for x in p])
+    tok = _tokenizer(cfg, run_dir, lambda: [x for p in train_pairs for x in p])
     valid_bytes = sum(len(b.encode("utf-8")) for _, b in valid_pairs)
     description = f"pairs: train={len(train_pairs):,} valid={len(valid_pairs):,}"
     if d.format == "prompt_answer":  # decoder-only: prompt -> answer rows, loss on the answer
@@ -110,29 +115,56 @@ def _pair_data(cfg: Config, run_dir: Path) -> TrainData:
 
 
 def _text_data(cfg: Config, run_dir: Path, progress: bool) -> TrainData:
-    t = cfg.train
+    """Windows (or packed rows) of the corpus's token stores, built on first use."""
+    t, d = cfg.train, cfg.data
     family = registry.of(cfg.model)
+    if d.pack and not family.packs_documents:
+        raise ConfigError(f"data.pack applies to decoder-only models, not the "
+                          f"{cfg.model.family} family; remove it")
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    texts = pipeline.load_text(cfg.data, progress=progress)
-    tok = _tokenizer(cfg, run_dir, texts.train)
-    valid_bytes = sum(len(x.encode("utf-8")) for x in texts.valid)
-    if cfg.data.pack:
-        if not family.packs_documents:
-            raise ConfigError(f"data.pack applies to decoder-only models, not the "
-                              f"{cfg.model.family} family; remove it")
-        train_rows = LMBatch(**pipeline.packed_rows(texts.train, tok, t.seq_len))
-        valid_rows = LMBatch(**pipeline.packed_rows(texts.valid, tok, t.seq_len))
-        train = pipeline.RowBatches(train_rows, t.batch_size, seed=cfg.seed, **proc)
-        valid = pipeline.RowBatches(valid_rows, t.batch_size, shuffle=False, **proc)
-        return TrainData(tok, train, valid,
-                         valid_bytes / max(float(valid_rows.loss_mask.sum()), 1.0),
-                         f"packed rows: train={train.num_rows:,} valid={valid.num_rows:,}")
-    train_tokens = pipeline.tokenize(texts.train, tok, progress=progress)
-    valid_tokens = pipeline.tokenize(texts.valid, tok)
-    layout = functools.partial(family.from_windows, start_id=decoder_start_id(cfg.model, tok))
+    quiet = not progress
+    layout = lambda tok: functools.partial(  # noqa: E731
+        family.from_windows, start_id=decoder_start_id(cfg.model, tok))
+    if d.streaming:
+        from jaxlm.data import stream
+
+        tok = _tokenizer(cfg, run_dir, lambda: ())  # config refuses a BPE trained on a stream
+        s = stream.streams(cfg, tok, **proc)
+        return TrainData(tok, pipeline.MappedBatches(s.train, layout(tok)),
+                         pipeline.MappedBatches(s.valid, layout(tok)), s.bytes_per_token,
+                         s.description)
+    train_src, valid_src = corpus.sources(d, store_root(d.store_dir), quiet)
+    tok = _tokenizer(cfg, run_dir, lambda: corpus.training_texts(train_src, valid_src, d))
+    sp = corpus.splits(d, tok, train_src, valid_src, quiet)
+    if d.pack:
+        rows = [PackedRows(span, *span.documents(), t.seq_len) for span in (sp.train, sp.valid)]
+        train = pipeline.RowBatches(rows[0], t.batch_size, collate=rows[0].collate,
+                                    seed=cfg.seed, **proc)
+        valid = pipeline.RowBatches(rows[1], t.batch_size, collate=rows[1].collate,
+                                    shuffle=False, **proc)
+        return TrainData(tok, train, valid, sp.valid_bytes / max(rows[1].num_pairs, 1),
+                         f"packed rows: train={len(rows[0]):,} valid={len(rows[1]):,}")
     train = pipeline.MappedBatches(
-        pipeline.LMBatches(train_tokens, t.seq_len, t.batch_size, seed=cfg.seed, **proc), layout)
+        pipeline.LMBatches(sp.train, t.seq_len, t.batch_size, seed=cfg.seed, **proc),
+        layout(tok))
     valid = pipeline.MappedBatches(
-        pipeline.LMBatches(valid_tokens, t.seq_len, t.batch_size, shuffle=False, **proc), layout)
-    return TrainData(tok, train, valid, valid_bytes / max(len(valid_tokens), 1),
-                     f"tokens: train={len(train_tokens):,} valid={len(valid_tokens):,}")
+        pipeline.LMBatches(sp.valid, t.seq_len, t.batch_size, shuffle=False, **proc),
+        layout(tok))
+    return TrainData(tok, train, valid, sp.valid_bytes / max(len(sp.valid), 1), sp.description)
+
+
+def prepare_stores(cfg: Config, quiet: bool = False) -> dict[str, TokenStore]:
+    """The token stores a text run of `cfg` reads, built now (`jaxlm prepare`); none for
+    (source, target) pairs or a stream."""
+    d = cfg.data
+    if uses_pairs(cfg) or d.streaming:
+        return {}
+    root = store_root(d.store_dir)
+    train_src, valid_src = corpus.sources(d, root, quiet)
+    tok = from_name(d.tokenizer, vocab_size=d.bpe_vocab_size,
+                    texts=corpus.training_texts(train_src, valid_src, d)
+                    if d.tokenizer == "bpe" else None)
+    stores = {"train": corpus.open_store(train_src, tok, d, root, quiet)}
+    if valid_src is not None:
+        stores["valid"] = corpus.open_store(valid_src, tok, d, root, quiet)
+    return stores

@@ -1,8 +1,10 @@
 """One tokenizer interface over bytes, HF `tokenizers` JSON, GPT-2 BPE and SentencePiece.
 
-`encode` gives a text's own ids; `encode_input` gives what a model reads for it, with the
-tokenizer's own special-token rules (a tokenizer.json post-processor template, or
-add_bos_token/add_eos_token), as HF's `tokenizer(text)["input_ids"]`."""
+`encode(text, add_special_tokens=True)` gives a text's ids as HF's `tokenizer.encode` does
+(by default within the tokenizer's own special-token rules: a tokenizer.json post-processor
+template, or add_bos_token/add_eos_token); `encode_input` gives what a model reads for it,
+those rules or jaxlm's where the tokenizer has none. `apply_chat_template` renders
+tokenizer_config.json's chat template as HF does (jaxlm.data.chat_template)."""
 
 from __future__ import annotations
 
@@ -13,31 +15,27 @@ from pathlib import Path
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from jaxlm.data.tokenizer_files import (
+    COMMON_TOKENS,
+    HF_TOKEN_KEYS,
+    byte_level_bpe,
+    config_specials,
+    config_tokens,
+    content,
+    processor_affixes,
+    read_json,
+    wordpiece,
+)
+
 if TYPE_CHECKING:
     from jaxlm.config import ModelConfig
 
 META_FILE = "jaxlm_tokenizer.json"
 ROLES = ("pad", "bos", "eos", "mask", "unk")
-# Token strings tried, in order, when a role's id is not given or configured.
-COMMON_TOKENS: dict[str, tuple[str, ...]] = {
-    "pad": ("<pad>", "[PAD]"),
-    "bos": ("<s>", "[CLS]", "<|endoftext|>"),
-    "eos": ("</s>", "[SEP]", "<|endoftext|>"),
-    "mask": ("<mask>", "[MASK]"),
-    "unk": ("<unk>", "[UNK]"),
-}
 # GPT-2's pre-tokenizer regex (also HF's ByteLevel default), for reference and tests.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _LOOKED_FOR = ("jaxlm_tokenizer.json, tokenizer.json, vocab.txt, tokenizer.model, spiece.model, "
                "vocab.json+merges.txt")
-# What HF's tokenizer classes put around a text when no tokenizer.json says (and
-# tokenizer_config.json sets no add_bos_token/add_eos_token): (role before, role after).
-_CLASS_SPECIALS: dict[str, tuple[str | None, str | None]] = {
-    "BertTokenizer": ("cls", "sep"), "DistilBertTokenizer": ("cls", "sep"),
-    "ElectraTokenizer": ("cls", "sep"), "RobertaTokenizer": ("bos", "eos"),
-    "BartTokenizer": ("bos", "eos"), "LongformerTokenizer": ("bos", "eos"),
-    "T5Tokenizer": (None, "eos"),
-}
 
 
 class TokenizerError(ValueError):
@@ -53,8 +51,10 @@ class Tokenizer(Protocol):
     mask_id: int | None
     unk_id: int | None
 
-    def encode(self, text: str) -> list[int]:
-        """The text's own ids, no special tokens added."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's ids, as HF's `tokenizer.encode(text, add_special_tokens=...)`: by
+        default within the tokenizer's own special tokens (its template: Llama's BOS,
+        BERT's [CLS] ... [SEP]; none for bytes, jaxlm's BPE or GPT-2), else the bare ids."""
         ...
 
     def encode_input(self, text: str, *, whole: bool = False) -> list[int]:
@@ -70,15 +70,65 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
     def save(self, directory: str | Path) -> None: ...
 
+    def special_tokens_map(self) -> dict[str, str]:
+        """HF's `special_tokens_map`: {'bos_token': '<s>', ...}."""
+        ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                            add_generation_prompt: bool = False, tokenize: bool = True,
+                            **kwargs: Any) -> list[int] | str:
+        """The conversation through the tokenizer's chat template, as HF's."""
+        ...
+
 
 class _ModelInputs:
-    """`encode_input` from `encode` and the tokenizer's own special-token rules."""
+    """`encode_input` from `encode` and the tokenizer's own special-token rules; chat
+    templates."""
 
     bos_id: int | None
     eos_id: int | None
+    chat_template: str | None = None  # Jinja, as tokenizer_config.json ships it
+    declared_tokens: dict[str, str] | None = None  # {'bos_token': ...} as its files say
 
-    def encode(self, text: str) -> list[int]:
+    def id_to_token(self, i: int) -> str | None:
         raise NotImplementedError
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """HF's `special_tokens_map`: the tokens the tokenizer's files declare, else those of
+        its role ids ({'bos_token': '<s>', 'eos_token': '</s>', ...})."""
+        if self.declared_tokens is not None:
+            return dict(self.declared_tokens)
+        found = {f"{r}_token": self.id_to_token(i) for r in ROLES
+                 if (i := getattr(self, f"{r}_id")) is not None}
+        return {k: v for k, v in found.items() if v is not None}
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                            add_generation_prompt: bool = False, tokenize: bool = True,
+                            **kwargs: Any) -> list[int] | str:
+        """`messages` ([{'role': ..., 'content': ...}]) rendered by the chat template as HF's
+        `apply_chat_template` does (extra keyword arguments, e.g. tools, reach the
+        template); the text, or with `tokenize` its ids (HF returns those as input_ids), no
+        special tokens added beyond what the template writes."""
+        from jaxlm.data import chat_template
+
+        try:
+            text = chat_template.render(self.chat_template, messages,
+                                        special_tokens=self.special_tokens_map(),
+                                        add_generation_prompt=add_generation_prompt, **kwargs)
+        except chat_template.ChatTemplateError as e:
+            raise TokenizerError(str(e)) from None
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _encode(self, text: str) -> list[int]:
+        """The text's own ids, no special tokens."""
+        raise NotImplementedError
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._encode(text)
+        if not add_special_tokens:
+            return ids
+        before, after = self._own_affixes()
+        return [*before, *ids, *after]
 
     def _own_affixes(self) -> tuple[list[int], list[int]]:
         """(ids before, ids after) the text by the tokenizer's own rules; ([], []) if none."""
@@ -100,7 +150,7 @@ class _ModelInputs:
         a `whole` sequence (an encoder-decoder source or target) is the text + EOS, a prompt
         to continue (`whole=False`) the bare text. An empty prompt is BOS alone."""
         before, after = self.input_affixes(whole=whole)
-        ids = before + self.encode(text) + after
+        ids = before + self._encode(text) + after
         if not ids and not whole and self.bos_id is not None:
             return [self.bos_id]
         return ids
@@ -117,37 +167,16 @@ def decoder_start_id(model_cfg: ModelConfig, tokenizer: Tokenizer | None) -> int
     return 0
 
 
-def _processor_affixes(processor: dict[str, Any] | None) -> tuple[list[int], list[int]]:
-    """(ids before, ids after) the text that a `tokenizers` post-processor (as JSON) adds to
-    a single sequence."""
-    kind = (processor or {}).get("type")
-    if kind == "TemplateProcessing":
-        specials = processor.get("special_tokens", {})
-        before: list[int] = []
-        after: list[int] = []
-        seen_text = False
-        for piece in processor["single"]:
-            if "Sequence" in piece:
-                seen_text = True
-            else:
-                ids = specials[piece["SpecialToken"]["id"]]["ids"]
-                (after if seen_text else before).extend(ids)
-        return before, after
-    if kind in ("RobertaProcessing", "BertProcessing"):
-        return [processor["cls"][1]], [processor["sep"][1]]
-    if kind == "Sequence":  # each wraps what the one before it made
-        before, after = [], []
-        for p in processor["processors"]:
-            b, a = _processor_affixes(p)
-            before, after = b + before, after + a
-        return before, after
-    return [], []  # ByteLevel (offsets only), or none
-
-
 def _write_meta(directory: Path, kind: str, tok: Tokenizer, **extra: Any) -> None:
+    from jaxlm.data.chat_template import TEMPLATE_FILE
+
     meta = {"kind": kind, "vocab_size": tok.vocab_size, **extra}
     meta.update({f"{r}_id": getattr(tok, f"{r}_id") for r in ROLES})
+    if tok.declared_tokens is not None:
+        meta["special_tokens"] = tok.declared_tokens
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if tok.chat_template is not None:
+        (directory / TEMPLATE_FILE).write_text(tok.chat_template, encoding="utf-8")
 
 
 class ByteTokenizer(_ModelInputs):
@@ -155,9 +184,14 @@ class ByteTokenizer(_ModelInputs):
 
     vocab_size = 260
     pad_id, bos_id, eos_id, mask_id, unk_id = 256, 257, 258, 259, None
+    # How the special ids are written as text (chat templates, the HF export).
+    SPECIAL_TOKENS = {256: "<pad>", 257: "<s>", 258: "</s>", 259: "<mask>"}
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.SPECIAL_TOKENS.get(i)
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in map(int, ids) if i < 256).decode("utf-8", errors="replace")
@@ -207,12 +241,15 @@ class HFTokenizer(_ModelInputs):
 
         return cls(_Tok.from_file(str(path)), **kwargs)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tokenizer.id_to_token(i)
 
     def _own_affixes(self) -> tuple[list[int], list[int]]:
         processor = self.tokenizer.post_processor
-        return _processor_affixes(json.loads(processor.__getstate__()) if processor else None)
+        return processor_affixes(json.loads(processor.__getstate__()) if processor else None)
 
     def decode(self, ids: Sequence[int]) -> str:
         skip = {self.pad_id, self.bos_id, self.eos_id, self.mask_id}
@@ -252,8 +289,11 @@ class SentencePieceTokenizer(_ModelInputs):
     def from_file(cls, path: str | Path, **kwargs: Any) -> SentencePieceTokenizer:
         return cls(Path(path).read_bytes(), **kwargs)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self.processor.encode(text, out_type=int)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.processor.id_to_piece(i) if 0 <= i < self.vocab_size else None
 
     def _own_affixes(self) -> tuple[list[int], list[int]]:
         return ([self.bos_id] if self.add_bos and self.bos_id is not None else [],
@@ -295,7 +335,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
     return HFTokenizer(tok, unk_id=None, split_special_tokens=True)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
             *range(ord("®"), ord("ÿ") + 1)]
@@ -322,7 +362,7 @@ def gpt2_from_tiktoken(path: str | Path) -> HFTokenizer:
                   if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
         merges += [(rank, *s) for s in sorted(splits)]
     merges.sort()
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     enc = lambda b: "".join(b2u[x] for x in b)
     model = models.BPE({enc(t): r for t, r in ranks.items()},
                        [(enc(a), enc(b)) for *_, a, b in merges])
@@ -334,117 +374,42 @@ def gpt2_from_tiktoken(path: str | Path) -> HFTokenizer:
     return HFTokenizer(tok, pad_id=None, bos_id=eot, eos_id=eot, mask_id=None, unk_id=None)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _config_tokens(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tokenizer_config.json, role -> token as configured: a str or an AddedToken-like dict)."""
-    config = _read_json(directory / "tokenizer_config.json")
-    merged = {**config, **_read_json(directory / "special_tokens_map.json")}
-    roles = {}
-    for role, alt in [("pad", None), ("bos", "cls"), ("eos", "sep"), ("mask", None), ("unk", None)]:
-        value = merged.get(f"{role}_token") or (alt and merged.get(f"{alt}_token"))
-        if value:
-            roles[role] = value
-    for extra in ("cls", "sep"):  # registered as specials even when bos/eos are set
-        if merged.get(f"{extra}_token"):
-            roles[extra] = merged[f"{extra}_token"]
-    return config, roles
-
-
-def _content(value: Any) -> str:
-    return value["content"] if isinstance(value, dict) else str(value)
-
-
-def _add_specials(tok: Any, roles: dict[str, Any], fallback: Iterable[str] = ()) -> None:
-    from tokenizers import AddedToken
-
-    values = list(roles.values()) + [t for t in fallback if tok.token_to_id(t) is not None]
-    tok.add_special_tokens([
-        AddedToken(_content(v), special=True, normalized=False,
-                   **({k: v[k] for k in ("lstrip", "rstrip", "single_word") if k in v}
-                      if isinstance(v, dict) else {}))
-        for v in values])
-
-
-def _config_specials(config: dict[str, Any]) -> tuple[str | None, str | None]:
-    """The roles whose tokens HF's tokenizer classes put before and after a text when there
-    is no tokenizer.json to say: add_bos_token/add_eos_token of tokenizer_config.json, else
-    the class's own (BERT: [CLS] text [SEP], RoBERTa/BART: <s> text </s>, T5: text </s>)."""
-    if "add_bos_token" in config or "add_eos_token" in config:
-        return ("bos" if config.get("add_bos_token") else None,
-                "eos" if config.get("add_eos_token") else None)
-    name = str(config.get("tokenizer_class") or "").removesuffix("Fast")
-    return _CLASS_SPECIALS.get(name, (None, None))
-
-
-def _set_template(tok: Any, config: dict[str, Any], roles: dict[str, Any]) -> None:
-    """Gives a `tokenizers.Tokenizer` built from vocabulary files the post-processor HF's
-    class would use (see `_config_specials`), so that save() keeps it in tokenizer.json."""
-    from tokenizers import processors
-
-    sides: list[list[str]] = [[], []]  # tokens before, after the text
-    specials = {}
-    for side, role in zip(sides, _config_specials(config), strict=True):
-        if role is None:
-            continue
-        common = {"cls": "bos", "sep": "eos"}.get(role, role)
-        # As configured, else the class's default token (HF's [CLS], <s>, ...) if present.
-        value = roles.get(role) or roles.get(common) or next(
-            (t for t in COMMON_TOKENS[common] if tok.token_to_id(t) is not None), None)
-        if value and (i := tok.token_to_id(_content(value))) is not None:
-            side.append(_content(value))
-            specials[_content(value)] = i
-    if specials:
-        before, after = sides
-        tok.post_processor = processors.TemplateProcessing(
-            single=[*before, "$A", *after],
-            pair=[*before, "$A", *after, "$B:1", *(f"{t}:1" for t in after)],
-            special_tokens=list(specials.items()))
-
-
 def _hf_with_roles(tok: Any, roles: dict[str, Any]) -> HFTokenizer:
-    ids = {f"{r}_id": tok.token_to_id(_content(roles[r])) for r in ROLES if r in roles}
+    ids = {f"{r}_id": tok.token_to_id(content(roles[r])) for r in ROLES if r in roles}
     return HFTokenizer(tok, **ids)
 
 
-def _wordpiece(directory: Path, config: dict[str, Any], roles: dict[str, Any]) -> Any:
-    from tokenizers import Tokenizer as _Tok
-    from tokenizers import decoders, models, normalizers, pre_tokenizers
-
-    unk = _content(roles.get("unk", "[UNK]"))
-    tok = _Tok(models.WordPiece.from_file(str(directory / "vocab.txt"), unk_token=unk))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
-        strip_accents=config.get("strip_accents"), lowercase=config.get("do_lower_case", True))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    _add_specials(tok, roles, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    _set_template(tok, config, roles)
-    return tok
-
-
-def _byte_level_bpe(directory: Path, config: dict[str, Any], roles: dict[str, Any]) -> Any:
-    from tokenizers import Tokenizer as _Tok
-    from tokenizers import decoders, models, pre_tokenizers
-
-    model = models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
-    tok = _Tok(model)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(
-        add_prefix_space=bool(config.get("add_prefix_space", False)))
-    tok.decoder = decoders.ByteLevel()
-    _add_specials(tok, roles, [t for ts in COMMON_TOKENS.values() for t in ts])
-    _set_template(tok, config, roles)
-    return tok
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether `directory` holds files `load_tokenizer` reads."""
+    d = Path(directory)
+    singles = (META_FILE, "tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model")
+    return d.is_dir() and (any((d / f).is_file() for f in singles)
+                           or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()))
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Loads what `save()` wrote, or a plain HF model directory's tokenizer files."""
-    from tokenizers import Tokenizer as _Tok
+    """Loads what `save()` wrote, or a plain HF model directory's tokenizer files, with the
+    chat template and special tokens its files declare."""
+    from jaxlm.data import chat_template
 
     d = Path(directory)
-    meta = _read_json(d / META_FILE) if d.is_dir() else {}
+    tok = _load(d)
+    meta = read_json(d / META_FILE) if d.is_dir() else {}
+    config = read_json(d / "tokenizer_config.json")
+    tok.chat_template = chat_template.read(d, config)
+    if meta.get("special_tokens"):
+        tok.declared_tokens = dict(meta["special_tokens"])
+    elif not meta:
+        merged = {**config, **read_json(d / "special_tokens_map.json")}
+        declared = {k: content(merged[k]) for k in HF_TOKEN_KEYS if merged.get(k)}
+        tok.declared_tokens = declared or None
+    return tok
+
+
+def _load(d: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as _Tok
+
+    meta = read_json(d / META_FILE) if d.is_dir() else {}
     if meta:
         ids = {f"{r}_id": meta.get(f"{r}_id") for r in ROLES}
         if meta.get("kind") == "byte":
@@ -457,20 +422,20 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
                 d / "tokenizer.model", mask_id=ids["mask_id"],
                 add_bos=bool(meta.get("add_bos_token")), add_eos=bool(meta.get("add_eos_token")))
         raise TokenizerError(f"{d / META_FILE}: unknown tokenizer kind {meta.get('kind')!r}")
-    config, roles = _config_tokens(d)
+    config, roles = config_tokens(d)
     if (d / "tokenizer.json").is_file():
         # Its post-processor holds the special-token rules: transformers 5 ignores
         # add_bos_token/add_eos_token beside a tokenizer.json (the Hub's files agree).
         return _hf_with_roles(_Tok.from_file(str(d / "tokenizer.json")), roles)
     if (d / "vocab.txt").is_file():
-        return _hf_with_roles(_wordpiece(d, config, roles), roles)
+        return _hf_with_roles(wordpiece(d, config, roles), roles)
     for name in ("tokenizer.model", "spiece.model"):
         if (d / name).is_file():
-            before, after = _config_specials(config)
+            before, after = config_specials(config)
             return SentencePieceTokenizer.from_file(d / name, add_bos=before is not None,
                                                     add_eos=after is not None)
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        return _hf_with_roles(_byte_level_bpe(d, config, roles), roles)
+        return _hf_with_roles(byte_level_bpe(d, config, roles), roles)
     raise TokenizerError(f"no tokenizer in {d}: looked for {_LOOKED_FOR}")
 
 

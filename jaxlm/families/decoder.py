@@ -1,4 +1,5 @@
-"""Decoder-only language models (GPT-2/GPT-3/GPT-Neo/Llama): causal LM on next tokens."""
+"""Decoder-only language models (GPT-2/GPT-3/GPT-Neo/Llama/Qwen/Gemma): causal LM on next
+tokens."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ class DecoderSpec(FamilySpec):
     name = "decoder"
     objective = "causal LM"
     own_fields = schema.OWN_FIELDS["decoder"]
-    hf_model_types = {"gpt2": "gpt2", "gpt_neo": "gpt_neo", "llama": "llama"}
+    hf_model_types = {"gpt2": "gpt2", "gpt_neo": "gpt_neo", "llama": "llama",
+                      "mistral": "mistral", "qwen2": "qwen", "qwen3": "qwen",
+                      "gemma2": "gemma", "gemma3_text": "gemma", "mixtral": "mixtral"}
     packs_documents = True
 
     def build_model(self, model_cfg) -> nn.Module:
@@ -31,7 +34,15 @@ class DecoderSpec(FamilySpec):
         return DecoderLM(model_cfg)
 
     def loss_fn(self, cfg, *, mask_id=None):
-        return functools.partial(objectives.causal_lm_loss, **cross_entropy_options(cfg))
+        m, extra = cfg.model, None
+        if m.num_experts:  # MoE: the router losses the layers sow join the objective
+            from jaxlm.models import moe
+
+            extra = functools.partial(moe.router_losses, num_experts=m.num_experts,
+                                      aux_weight=m.router_aux_loss, z_weight=m.router_z_loss)
+        return functools.partial(objectives.causal_lm_loss, **cross_entropy_options(cfg),
+                                 extra_loss=extra, chunk=cfg.train.loss_chunk,
+                                 logit_softcap=m.final_logit_softcap)
 
     def from_windows(self, windows: LMBatch, start_id: int) -> LMBatch:
         return windows
@@ -51,9 +62,14 @@ class DecoderSpec(FamilySpec):
                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0, **sampling)
 
     def flops_per_example(self, cfg, params: Any, causal_halved: bool) -> float:
+        from jaxlm.models.attention import local_layers
+
         m, T = cfg.model, cfg.train.seq_len
-        local = m.num_layers // m.local_every if m.local_window else 0
+        local = sum(local_layers(m))
         keys = (m.num_layers - local) * perf.causal_keys(T, T, causal_halved)
         keys += local * perf.causal_keys(T, m.local_window, causal_halved)
-        return (kernel_flops(params, lambda _: T, m.tie_embeddings)
+        # MoE: an expert's kernels see the tokens routed to it, k/E of them on average.
+        routed = T * m.experts_per_token / max(m.num_experts, 1)
+        tokens_of = lambda path: routed if "experts" in path else T
+        return (kernel_flops(params, tokens_of, m.tie_embeddings)
                 + perf.attention_flops(attention_width(m), T, keys))

@@ -9,7 +9,9 @@ FAMILY_NAMES = ("decoder", "encoder", "encoder_decoder")
 # ModelConfig fields read only by the listed families' modules. Fields not listed here apply
 # to every family.
 OWN_FIELDS: dict[str, frozenset[str]] = {
-    "decoder": frozenset({"local_window", "local_every"}),
+    "decoder": frozenset({"local_window", "local_every", "local_pattern", "rope_local_theta",
+                          "final_logit_softcap", "embed_scale", "num_experts",
+                          "experts_per_token", "router_aux_loss", "router_z_loss"}),
     "encoder": frozenset({"type_vocab_size", "pad_token_id"}),
     "encoder_decoder": frozenset({
         "num_decoder_layers", "embed_scale", "embed_norm", "final_norm", "relative_buckets",
@@ -24,6 +26,16 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
     "encoder": ("text",),
     "encoder_decoder": ("text", "pairs"),
 }
+
+
+# Families whose objective can take the final hidden states and output projection in chunks
+# of positions (train.loss_chunk) instead of whole logits.
+CHUNKED_LOSS: frozenset[str] = frozenset({"decoder"})
+
+
+def chunks_loss(name: str) -> bool:
+    """Whether the objective of family `name` takes train.loss_chunk."""
+    return name in CHUNKED_LOSS
 
 
 def is_family(name: str) -> bool:

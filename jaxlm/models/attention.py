@@ -22,19 +22,20 @@ KV-cache decoding steps (a MaskSpec with q_offset) under splash or flash run on 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import ConfigError
+from jaxlm.config import NO_SOFTCAP_KERNELS, ConfigError, ModelConfig
 from jaxlm.models.kernels.chunked import chunked_attention
 from jaxlm.models.kernels.mask import MaskSpec
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto")
-
 __all__ = ["IMPLEMENTATIONS", "MaskSpec", "attention", "causal_mask", "combine_masks",
-           "local_window_mask", "padding_mask", "resolve_impl", "rope", "segment_mask",
-           "select_mask", "sinusoidal_positions", "relative_position_buckets"]
+           "local_layers", "local_window_mask", "padding_mask", "pattern_of", "resolve_impl",
+           "rope", "rope_frequencies", "segment_mask", "select_mask", "sinusoidal_positions",
+           "relative_position_buckets", "softcap"]
 
 
 def causal_mask(q_len: int, kv_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
@@ -79,12 +80,34 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     return out
 
 
-def _reference(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale):
+def local_layers(cfg: ModelConfig) -> tuple[bool, ...]:
+    """Which layers attend within `cfg.local_window`: `local_pattern` (L local, G global)
+    repeated over the stack, else every `local_every`-th layer (GPT-3); none without a
+    window."""
+    if not cfg.local_window:
+        return (False,) * cfg.num_layers
+    pattern = cfg.local_pattern or "G" * (cfg.local_every - 1) + "L"
+    return tuple(pattern[i % len(pattern)] == "L" for i in range(cfg.num_layers))
+
+
+def pattern_of(local: Sequence[bool]) -> str:
+    """The shortest `local_pattern` (L local, G global) that repeats into `local`."""
+    n = len(local)
+    period = next(p for p in range(1, n + 1) if all(local[i] == local[i % p] for i in range(n)))
+    return "".join("L" if x else "G" for x in local[:period])
+
+
+def softcap(logits: jax.Array, cap: float) -> jax.Array:
+    """cap·tanh(logits / cap): logits squashed into (-cap, cap) (Gemma 2); cap 0 = off."""
+    return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def _reference(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale, cap=0.0):
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                              preferred_element_type=jnp.float32) * scale
+    logits_BKGTS = softcap(jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                                      preferred_element_type=jnp.float32) * scale, cap)
     if bias_BNTS is not None:
         bias = bias_BNTS.astype(jnp.float32)
         logits_BKGTS += bias.reshape(bias.shape[0], K, N // K, *bias.shape[2:])
@@ -149,18 +172,19 @@ def _unsupported(impl: str, what: str) -> ConfigError:
                        "chunked, xla or reference")
 
 
-def resolve_impl(impl: str, q_BTNH: jax.Array, mask, bias_BNTS) -> str:
-    """The implementation `auto` stands for, given the backend and these inputs."""
+def resolve_impl(impl: str, q_BTNH: jax.Array, mask, bias_BNTS, cap: float = 0.0) -> str:
+    """The implementation `auto` stands for, given the backend and these inputs (`cap`: the
+    attention-logit soft-cap, which the NO_SOFTCAP_KERNELS do not apply)."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()
     structured = mask is None or (isinstance(mask, MaskSpec) and mask.q_offset is None)
-    if backend == "gpu" and _is_nvidia() and _cudnn_fits(q_BTNH):
+    if backend == "gpu" and _is_nvidia() and _cudnn_fits(q_BTNH) and not cap:
         return "cudnn"
     if backend == "tpu" and structured:
         if bias_BNTS is None:
             return "splash"
-        if mask is None or not mask.window:
+        if (mask is None or not mask.window) and not cap:
             return "flash"
     return "xla"
 
@@ -174,17 +198,23 @@ def attention(
     *,
     scale: float | None = None,
     impl: str = "reference",
+    cap: float = 0.0,
 ) -> jax.Array:
     """Multi-head (grouped-query) attention; returns [B, T, N, H] in the dtype of v.
 
     mask_BTS: dense [B, T, S] booleans or a MaskSpec; bias_BNTS: additive, broadcastable
-    to [B, N, T, S]. Raises ConfigError when `impl` can't honour the mask or bias here."""
+    to [B, N, T, S]; cap: soft-cap of the scaled logits before the bias (0 = off). Raises
+    ConfigError when `impl` can't honour the mask, bias or soft-cap here."""
     if q_BTNH.shape[2] % k_BSKH.shape[2]:
         raise ValueError(f"{q_BTNH.shape[2]} query heads not divisible by "
                          f"{k_BSKH.shape[2]} key/value heads")
     if scale is None:
         scale = q_BTNH.shape[-1] ** -0.5
-    impl = resolve_impl(impl, q_BTNH, mask_BTS, bias_BNTS)
+    impl = resolve_impl(impl, q_BTNH, mask_BTS, bias_BNTS, cap)
+    if cap and impl in NO_SOFTCAP_KERNELS:  # xla soft-caps through the reference einsums
+        raise ConfigError(f"model.attention={impl} cannot soft-cap attention logits "
+                          "(model.attention_softcap); use model.attention=chunked, xla, "
+                          "splash or reference")
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     spec = mask_BTS if isinstance(mask_BTS, MaskSpec) else None
     if impl in ("splash", "flash") and spec is not None and spec.q_offset is not None:
@@ -193,10 +223,13 @@ def attention(
         impl = "xla"
     if impl in ("reference", "xla"):
         dense = spec.dense(T, S) if spec is not None else mask_BTS
-        fn = _reference if impl == "reference" else _xla
-        return fn(q_BTNH, k_BSKH, v_BSKH, dense, bias_BNTS, scale)
+        if impl == "xla" and not cap:
+            return _xla(q_BTNH, k_BSKH, v_BSKH, dense, bias_BNTS, scale)
+        # jax.nn.dot_product_attention has no soft-cap: XLA runs the same einsums here.
+        return _reference(q_BTNH, k_BSKH, v_BSKH, dense, bias_BNTS, scale, cap)
     if impl == "chunked":
-        return chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale=scale)
+        return chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale=scale,
+                                 cap=cap)
     if impl == "cudnn":
         return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale)
     if impl in ("splash", "flash"):
@@ -210,7 +243,7 @@ def attention(
                 raise _unsupported(impl, "an attention bias (model.attention=flash can)")
             if mask_BTS is not None and spec is None:
                 raise _unsupported(impl, "a dense [B, T, S] mask (it needs a MaskSpec)")
-            return splash_attention(q_BTNH, k_BSKH, v_BSKH, spec, scale=scale)
+            return splash_attention(q_BTNH, k_BSKH, v_BSKH, spec, scale=scale, cap=cap)
         from jaxlm.models.kernels.flash import flash_attention
 
         if spec is not None and spec.window:
@@ -220,10 +253,42 @@ def attention(
                      f"choose one of {', '.join(IMPLEMENTATIONS)}")
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float = 10000.0) -> jax.Array:
-    """Rotary position embedding, half-split layout (as in HF Llama's rotate_half)."""
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", *,
+                     factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_max_len: int = 0,
+                     max_len: int = 0, seq_len: jax.Array | int | None = None) -> jax.Array:
+    """[head_dim / 2] float32 inverse frequencies of RoPE with HF's scalings
+    (transformers' ROPE_INIT_FUNCTIONS): `linear` divides them by `factor`; `dynamic` (NTK)
+    raises the base once `seq_len` (largest position + 1; may be traced) passes `max_len`;
+    `llama3` divides wavelengths above original_max_len / low_freq_factor by `factor`,
+    keeps those below original_max_len / high_freq_factor and blends the band between."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    if scaling == "dynamic":
+        seq = jnp.maximum(jnp.asarray(max_len if seq_len is None else seq_len, jnp.float32),
+                          max_len)
+        theta = theta * (factor * seq / max_len - (factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling != "llama3":
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    long = wavelen > original_max_len / low_freq_factor
+    short = wavelen < original_max_len / high_freq_factor
+    scaled = jnp.where(long, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor
+                                                                - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    return jnp.where(~long & ~short, blended, scaled)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float = 10000.0,
+         inv_freq: jax.Array | None = None) -> jax.Array:
+    """Rotary position embedding, half-split layout (as in HF Llama's rotate_half), at
+    `inv_freq` ([H / 2], from rope_frequencies) or unscaled at base `theta`."""
     H = x_BTNH.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    if inv_freq is None:
+        inv_freq = rope_frequencies(H, theta)
     angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
     cos = jnp.cos(angles_BTF)[:, :, None, :]
     sin = jnp.sin(angles_BTF)[:, :, None, :]

@@ -76,27 +76,32 @@ class Embed(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm (no mean subtraction, no bias), computed in float32."""
+    """Over the last axis, in float32: LayerNorm; RMSNorm (no mean subtraction, no bias);
+    rmsnorm_plus1, RMSNorm scaled by (1 + w) with w starting at 0 (Gemma). `axis` is the
+    logical name of that axis (head_dim for per-head q/k norms)."""
 
     kind: str = "layernorm"
     eps: float = 1e-5
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         D = x.shape[-1]
-        scale = self.param("scale", ones_init(("embed",)), (D,), self.param_dtype)
-        if self.kind == "rmsnorm":
+        plus1 = self.kind == "rmsnorm_plus1"
+        init = (zeros_init if plus1 else ones_init)((self.axis,))
+        scale = self.param("scale", init, (D,), self.param_dtype).astype(jnp.float32)
+        if self.kind in ("rmsnorm", "rmsnorm_plus1"):
             y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-            return (y * scale.astype(jnp.float32)).astype(self.dtype)
+            return (y * (1 + scale if plus1 else scale)).astype(self.dtype)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
         if self.use_bias:
-            y = y + self.param("bias", zeros_init(("embed",)), (D,),
+            y = y + self.param("bias", zeros_init((self.axis,)), (D,),
                                self.param_dtype).astype(jnp.float32)
         return y.astype(self.dtype)
 

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 
 from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.models import attention as attn
+from jaxlm.models import ring_cache
 from jaxlm.models.layers import Embed, Mlp, Norm, Projection, normal_init
+from jaxlm.models.moe import MoeMlp
 
 ACT_AXES = ("batch", "length", "act_embed")
 
@@ -49,35 +51,73 @@ def out_std(cfg: ModelConfig) -> float:
     return cfg.init_std / (2 * cfg.num_layers) ** 0.5
 
 
+def layer_is_local(cfg: ModelConfig, layer_idx: int | jax.Array) -> bool | jax.Array:
+    """Whether layer `layer_idx` (traced under nn.scan) attends within the local window."""
+    flags = attn.local_layers(cfg)
+    return flags[layer_idx] if isinstance(layer_idx, int) else jnp.asarray(flags)[layer_idx]
+
+
+def rope_inv_freq(cfg: ModelConfig, positions_BT: jax.Array,
+                  local: bool | jax.Array = False) -> jax.Array:
+    """[H / 2] RoPE inverse frequencies of a layer: `cfg.rope_scaling` applied (dynamic NTK
+    reads the largest position), except in local layers when `rope_local_theta` gives them a
+    base of their own (Gemma 3: unscaled, base 10000)."""
+    H = head_dim(cfg)
+    dynamic = cfg.rope_scaling == "dynamic"
+    inv = attn.rope_frequencies(
+        H, cfg.rope_theta, cfg.rope_scaling, factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_len=cfg.rope_original_max_len or cfg.max_seq_len,
+        max_len=cfg.max_seq_len, seq_len=jnp.max(positions_BT) + 1 if dynamic else None)
+    if cfg.rope_local_theta and cfg.local_window:
+        inv = jnp.where(local, attn.rope_frequencies(H, cfg.rope_local_theta), inv)
+    return inv
+
+
 class Attention(nn.Module):
     """Self- or cross-attention with separate q/k/v projections [embed, heads, head_dim]."""
 
     cfg: ModelConfig
     cross: bool = False
 
+    def _heads(self, x_BSD: jax.Array, heads: int, axis: str, name: str) -> jax.Array:
+        """x projected to [B, S, heads, H]; queries and keys normed per head with qk_norm."""
+        cfg = self.cfg
+        y = Projection((heads, head_dim(cfg)), ("embed", axis, "head_dim"), name=name,
+                       use_bias=cfg.use_bias or cfg.qkv_bias, std=cfg.init_std,
+                       **dtypes(cfg))(x_BSD)
+        if cfg.qk_norm and name in ("query", "key"):
+            y = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, axis="head_dim",
+                     name=f"{name[0]}_norm", **dtypes(cfg))(y)
+        return y
+
     @nn.compact
     def __call__(self, x_BTD, kv_BSD, mask_BTS, q_pos_BT, kv_pos_BS, bias_BNTS=None,
-                 cache=None):
+                 cache=None, local=False):
         """Returns (out, cache): None without a cache. Self-attention caches ({"k", "v"}:
         [B, L, K, H]) get this step's keys and values at slot `mask_BTS.q_offset`, and
-        attention runs over all L slots (the mask hides the unwritten ones). Cross-attention
+        attention runs over all L slots (the mask hides the unwritten ones); when every layer
+        is windowed the cache is a ring of the window's length (ring_cache.py). Cross-attention
         caches hold the projected encoder keys and values: an empty dict is filled on the
-        first decoding step, later steps reuse it without projecting again."""
+        first decoding step, later steps reuse it without projecting again. `local`: this
+        layer is a local one (its RoPE base may differ)."""
         cfg = self.cfg
-        N, K, H = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg)
+        N, K = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
         kw = dict(use_bias=cfg.use_bias, std=cfg.init_std, **dtypes(cfg))
-        q = Projection((N, H), ("embed", "heads", "head_dim"), name="query", **kw)(x_BTD)
-        if cfg.position == "rope":
-            q = attn.rope(q, q_pos_BT, cfg.rope_theta)
+        inv_freq = rope_inv_freq(cfg, q_pos_BT, local) if cfg.position == "rope" else None
+        q = self._heads(x_BTD, N, "heads", "query")
+        if inv_freq is not None:
+            q = attn.rope(q, q_pos_BT, inv_freq=inv_freq)
         if self.cross and cache:
             k, v = cache["k"], cache["v"]
         else:
-            k = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="key", **kw)(kv_BSD)
-            v = Projection((K, H), ("embed", "kv_heads", "head_dim"), name="value", **kw)(
-                kv_BSD)
-            if cfg.position == "rope":
-                k = attn.rope(k, kv_pos_BS, cfg.rope_theta)
-        if cache is not None:
+            k = self._heads(kv_BSD, K, "kv_heads", "key")
+            v = self._heads(kv_BSD, K, "kv_heads", "value")
+            if inv_freq is not None:
+                k = attn.rope(k, kv_pos_BS, inv_freq=inv_freq)
+        if cache is not None and not self.cross and ring_cache.windowed_everywhere(cfg):
+            k, v, cache = ring_cache.attend_and_update(cache, k, v, mask_BTS.q_offset)
+        elif cache is not None:
             if not self.cross:
                 at = mask_BTS.q_offset
                 k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
@@ -87,7 +127,8 @@ class Attention(nn.Module):
             cache = {"k": k, "v": v}
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         scale = cfg.attention_scale or None
-        out_BTNH = attn.attention(q, k, v, mask_BTS, bias_BNTS, scale=scale, impl=cfg.attention)
+        out_BTNH = attn.attention(q, k, v, mask_BTS, bias_BNTS, scale=scale, impl=cfg.attention,
+                                  cap=cfg.attention_softcap)
         kw["std"] = out_std(cfg)
         out_BTD = Projection((x_BTD.shape[-1],), ("heads", "head_dim", "embed"), in_axes=2,
                              name="out", **kw)(out_BTNH)
@@ -107,17 +148,20 @@ class Block(nn.Module):
         """Returns (x, this layer's updated cache or None). A layer's cache is {"self": KV}
         plus {"cross": encoder KV} in cross-attending stacks (see Attention)."""
         cfg = self.cfg
-        if local_mask_BTS is not None:  # GPT-3: every local_every-th layer attends locally
-            is_local = layer_idx % cfg.local_every == cfg.local_every - 1
+        is_local = layer_is_local(cfg, layer_idx) if cfg.local_window else False
+        if local_mask_BTS is not None:  # the layer pattern's local layers (attn.local_layers)
             mask_BTS = attn.select_mask(is_local, local_mask_BTS, mask_BTS)
         norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name=name, **dtypes(cfg))
         drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
         pre = cfg.norm_position == "pre"
 
         def residual(x, fn, norm_name):
-            if pre:
-                return x + drop(fn(norm(norm_name)(x)))
-            return norm(norm_name)(x + drop(fn(x)))
+            if not pre:
+                return norm(norm_name)(x + drop(fn(x)))
+            y = fn(norm(norm_name)(x))
+            if cfg.sandwich_norm:  # Gemma 2/3: the sublayer's output normed too
+                y = norm(f"{norm_name}_out")(y)
+            return x + drop(y)
 
         new_cache = None if cache is None else {}
 
@@ -125,7 +169,8 @@ class Block(nn.Module):
             attention = Attention(cfg, cross=kind == "cross", name="attn" if kind == "self"
                                   else "cross_attn")
             out, layer_cache = attention(h, kv, mask, pos_BT, kv_pos, bias,
-                                         None if cache is None else cache[kind])
+                                         None if cache is None else cache[kind],
+                                         local=is_local if kind == "self" else False)
             if new_cache is not None:
                 new_cache[kind] = layer_cache
             return out
@@ -135,8 +180,9 @@ class Block(nn.Module):
         if self.cross:
             x_BTD = residual(x_BTD, lambda h: attention_step("cross", h, enc_BSD, enc_mask_BTS,
                                                              enc_pos_BS, None), "ln_cross")
-        mlp = Mlp(cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.use_bias, cfg.init_std,
-                  out_std(cfg), name="mlp", **dtypes(cfg))
+        mlp = MoeMlp(cfg, out_std(cfg), name="mlp") if cfg.num_experts else Mlp(
+            cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.use_bias, cfg.init_std, out_std(cfg),
+            name="mlp", **dtypes(cfg))
         x_BTD = residual(x_BTD, mlp, "ln_mlp")
         return nn.with_logical_constraint(x_BTD, ACT_AXES), new_cache
 
@@ -172,7 +218,7 @@ class Stack(nn.Module):
     def __call__(self, x_BTD, mask_BTS, pos_BT, enc_BSD=None, enc_mask_BTS=None, enc_pos_BS=None,
                  bias_BNTS=None, local_mask_BTS=None, cache=None):
         """bias_BNTS (e.g. T5's relative position bias) is shared by all layers' self-attention;
-        local_mask_BTS replaces mask_BTS in every `cfg.local_every`-th layer. Returns
+        local_mask_BTS replaces mask_BTS in the local layers (attn.local_layers). Returns
         (x, cache): the layers' updated caches (stacked on a leading layer axis when scanned,
         else a tuple) when `cache` is given, else None."""
         cfg = self.cfg
@@ -182,7 +228,8 @@ class Stack(nn.Module):
                              prevent_cse=not cfg.scan_layers)
         args = (mask_BTS, pos_BT, enc_BSD, enc_mask_BTS, enc_pos_BS, bias_BNTS, local_mask_BTS)
         if cfg.scan_layers:
-            scanned = nn.scan(block, variable_axes={"params": 0},
+            # Intermediates (the MoE router stats) stack over the layers like the params.
+            scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(0,) + (nn.broadcast,) * len(args) + (0,),
                               length=self.num_layers,
@@ -203,8 +250,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, *, cross: bool = False
     """An empty decoding cache: per decoder layer, self-attention k and v [B, L, K, H] (and,
     with `cross`, an empty cross-attention slot for an encoder-decoder's decoder, filled by
     the first step), stacked on a leading layer axis when the layers are scanned, else a
-    tuple; plus the next slot."""
-    shape = (batch, length, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg))
+    tuple; plus the next position. When every layer is windowed, L is at most the window
+    (a ring: ring_cache.py), whatever `length`."""
+    slots = ring_cache.cache_slots(cfg, length)
+    shape = (batch, slots, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg))
     dtype = jnp.dtype(cfg.dtype)
     layers = (cfg.num_decoder_layers or cfg.num_layers) if cross else cfg.num_layers
 
@@ -217,23 +266,32 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, *, cross: bool = False
 
 
 class DecoderLM(nn.Module):
-    """Decoder-only language model (GPT-2 / GPT-3 / Llama layouts). Returns logits [B, T, V].
+    """Decoder-only language model (GPT-2 / GPT-3 / Llama / Qwen / Gemma layouts). Returns
+    logits [B, T, V].
 
     Decoding: pass `cache` (from `init_cache`) and the tokens after those already cached; the
     call returns (logits, cache advanced by T). padding_mask_BT then covers the L cache slots
-    (False = a padding slot), and positions_BT must be given."""
+    (False = a padding slot; for a rolling cache, positions 0..L-1 of the sequence), and
+    positions_BT must be given.
+
+    With `hidden=True` (training) it returns (x_BTD, w_VD) instead of the logits: the final
+    hidden states and the output projection [vocab, embed] in the compute dtype, for a loss
+    that applies them in chunks (jaxlm.chunked_ce; cfg.final_logit_softcap is the loss's)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
-                 padding_mask_BT=None, deterministic: bool = True, cache=None):
+                 padding_mask_BT=None, deterministic: bool = True, cache=None,
+                 hidden: bool = False):
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, name="embed", **dtypes(cfg))
         x_BTD = embed(tokens_BT)
+        if cfg.embed_scale:  # Gemma; the factor rounded to the compute dtype, as HF does
+            x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, x_BTD.dtype)
         x_BTD = add_positions(self, x_BTD, positions_BT, cfg, cfg.init_std / 2)  # GPT-2 init
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ACT_AXES)
@@ -243,6 +301,10 @@ class DecoderLM(nn.Module):
                                  kv_valid_BS=padding_mask_BT, causal=True,
                                  q_offset=None if cache is None else cache["index"])
         local_BTS = mask_BTS.replace(window=cfg.local_window) if cfg.local_window else None
+        if cache is not None and ring_cache.windowed_everywhere(cfg):  # a rolling cache
+            mask_BTS = ring_cache.ring_mask(cache["index"], ring_cache.ring_length(
+                cache["layers"]), T, cfg.local_window, padding_mask_BT)
+            local_BTS = None  # the ring's mask has the window already
         x_BTD, layers = Stack(cfg, cfg.num_layers, deterministic, name="decoder")(
             x_BTD, mask_BTS, positions_BT, local_mask_BTS=local_BTS,
             cache=None if cache is None else cache["layers"])
@@ -251,11 +313,16 @@ class DecoderLM(nn.Module):
         if cfg.norm_position == "pre":
             x_BTD = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name="ln_final",
                          **dtypes(cfg))(x_BTD)
+        if hidden:
+            w_VD = (embed.embedding if cfg.tie_embeddings
+                    else self.variables["params"]["lm_head"]["kernel"].T)
+            return x_BTD, w_VD.astype(cfg.dtype)
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
             logits_BTV = Projection((cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
                                     std=cfg.init_std, name="lm_head", **dtypes(cfg))(x_BTD)
+        logits_BTV = attn.softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
         return logits_BTV if cache is None else (logits_BTV, cache)
 

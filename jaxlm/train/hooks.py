@@ -9,11 +9,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxlm import trace
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
 from jaxlm.train.health import StepHealth, TrainingDiverged
@@ -120,7 +122,8 @@ class ProgressBar(Hook):
 
 class Log(Every):
     """Fetches the metrics of the interval (one host sync per log step) and writes a row:
-    loss, lr, grad_norm, tokens/s, MFU, bad steps. Owns the metrics writer the other hooks
+    loss, lr, grad_norm, tokens/s, MFU, bad steps, and any further metric of the step (the
+    MoE router losses moe_aux_loss, moe_z_loss). Owns the metrics writer the other hooks
     share, and closes it (with its trackers) when the loop ends."""
 
     def __init__(self, cfg: Config, writer: MetricsWriter, summary: Summary, bar: Any,
@@ -131,6 +134,10 @@ class Log(Every):
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.plain_every = max(cfg.train.log_every, cfg.train.steps // 20)
         self.restart_clock()
+
+    # Step metrics the row reports in its own way (or not at all); any other is copied.
+    _STEP_INTERNALS = frozenset({"loss", "lr", "grad_norm", "num_tokens", "nll_sum",
+                                 "bad_step"})
 
     def restart_clock(self) -> None:
         self.t_log = time.time()
@@ -145,6 +152,7 @@ class Log(Every):
                "grad_norm": float(m["grad_norm"]), "tokens_per_sec": round(tps, 1),
                "mfu": round(tps * self.flops_per_token / self.peak_flops, 4),
                "bad_steps": int(sum(int(f["bad_step"]) for f in p.fetched))}
+        row.update({k: float(v) for k, v in m.items() if k not in self._STEP_INTERNALS})
         self.writer.write(row)
         self.summary.history.append(row)
         self.summary.train_loss, self.summary.tokens_per_sec = row["loss"], tps
@@ -255,3 +263,46 @@ class Checkpoint(Every):
         if self.health.in_bad_run and not p.last:
             return
         self.ckpt.save(p.step, p.state, {"position": p.position}, force=True)
+
+
+class Trace(Hook):
+    """A jax.profiler trace of steps profile.start_step+1 .. start_step+profile.steps into
+    <run>/profile (process 0), for XProf or TensorBoard's profile plugin. A run resumed inside
+    the window traces the rest of it; one resumed past it traces nothing."""
+
+    def __init__(self, cfg: Config, run_dir: Path, start: int) -> None:
+        self.first = cfg.profile.start_step
+        self.last = self.first + cfg.profile.steps
+        self.dir, self.quiet = run_dir / trace.RUN_SUBDIR, cfg.run.quiet
+        self.on = cfg.profile.steps > 0 and start < self.last and is_main()
+        self.active = False
+        if self.on and start >= self.first:
+            self._start(start)
+
+    def _start(self, step: int, state: Any = None) -> None:
+        jax.block_until_ready(state)  # the steps before the window stay out of it
+        trace.start(self.dir)
+        self.active, self.started_after = True, step
+
+    def due(self, p: Progress) -> bool:
+        if self.active:
+            return p.step >= self.last or p.last
+        return self.on and p.step == self.first
+
+    def run(self, p: Progress) -> None:
+        if not self.active:
+            self._start(p.step, p.state)
+            return
+        self._stop(p.step, p.state)
+
+    def _stop(self, step: int, state: Any) -> None:
+        trace.stop(state)
+        self.active = self.on = False
+        say(f"profiler trace of steps {self.started_after + 1}-{step} in {self.dir}; open it "
+            f"with {trace.how_to_open(self.dir)}", self.quiet)
+
+    def close(self) -> None:
+        if self.active:  # the loop ended inside the window (an error): keep what there is
+            trace.stop()
+            self.active = False
+            say(f"profiler trace (cut short) in {self.dir}", self.quiet)

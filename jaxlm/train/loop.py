@@ -6,25 +6,30 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
-from jaxlm import perf, progress, sharding, tracking
+from jaxlm import perf, progress, sharding, trace, tracking, weights
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import Config
+from jaxlm.config import Config, ConfigError
 from jaxlm.data import setup as data_setup
 from jaxlm.evaluate import heldout_metrics
 from jaxlm.setup import StepSetup, build
-from jaxlm.train import hooks, report, rundir
+from jaxlm.train import budget, hooks, prefetch, report, rundir, sample
 from jaxlm.train.hooks import Progress, is_main, say
 from jaxlm.train.report import Summary
 from jaxlm.train.state import TrainState, count_params
 
 
-def train(cfg: Config, run_dir: Path) -> Summary:
-    """Trains `cfg` in `run_dir` (resuming from its newest checkpoint) and returns a summary."""
-    t_start = time.time()
+def train(cfg: Config, run_dir: Path, sample_prompt: str | None = None, *,
+          started: float | None = None) -> Summary:
+    """Trains `cfg` in `run_dir` (resuming from its newest checkpoint) and returns a summary;
+    with `sample_prompt`, its `sample` is the trained model's continuation of it. `started`
+    (a time.time()) is when the run began, for its wall time and train.time_budget (default:
+    now; the CLI passes its own start, so both count importing JAX)."""
+    t_start = time.time() if started is None else started
     data = data_setup.build(cfg, run_dir, progress=not cfg.run.quiet)
     setup = build(cfg, mask_id=data.tokenizer.mask_id)
     ckpt = Checkpointer(run_dir / rundir.CHECKPOINT_DIR, keep=cfg.checkpoint.keep,
@@ -33,6 +38,8 @@ def train(cfg: Config, run_dir: Path) -> Summary:
     summary = Summary(run_dir=str(run_dir), steps=0, params=0)
     with jax.set_mesh(setup.mesh):
         state, position = _start(setup, ckpt, run_dir)
+        setup, plan = _plan(setup, data, state, ckpt, run_dir, t_start, sample_prompt)
+        cfg = setup.cfg  # with train.steps as planned
         # Written only now: a refused resume (another model, unreadable checkpoints) must
         # leave the run directory as it was.
         if is_main():
@@ -41,25 +48,40 @@ def train(cfg: Config, run_dir: Path) -> Summary:
                 data.tokenizer.save(run_dir / rundir.TOKENIZER_DIR)
         summary.params = count_params(state.params)
         summary.flops_per_token = setup.flops_per_token()
+        summary.time_budget = cfg.train.time_budget
         _announce(setup, summary, data, run_dir)
         p = Progress(step=int(state.step), total=cfg.train.steps, position=position,
                      state=state)
-        loop_hooks = _hooks(setup, data, ckpt, summary, run_dir, p.step)
+        loop_hooks = _hooks(setup, data, ckpt, summary, run_dir, p.step, plan)
+        batches = prefetch.Prefetcher(lambda position: _device_batch(setup, data, position),
+                                      cfg.train.prefetch)
         try:
-            _run(setup, data, p, loop_hooks)
+            _run(setup, batches, p, loop_hooks)
         finally:
+            batches.close()
             for hook in loop_hooks:
                 hook.close()
             ckpt.close()
+        if not p.stop and sample.can_sample(setup, sample_prompt):
+            summary.sample = sample.summary_sample(setup, p.state.params, data.tokenizer,
+                                                   sample_prompt)
     _finish(cfg, summary, ckpt, run_dir, p, t_start)
     return summary
 
 
-def _run(setup: StepSetup, data: data_setup.TrainData, p: Progress,
+def _device_batch(setup: StepSetup, data: data_setup.TrainData, position: int) -> Any:
+    """The global device batch at a data position (built ahead by the prefetcher)."""
+    return sharding.host_batch_to_global(data.train.batch(position), setup.mesh)
+
+
+def _run(setup: StepSetup, batches: prefetch.Prefetcher, p: Progress,
          loop_hooks: list[hooks.Hook]) -> None:
+    """Steps until the last or a stop. Nothing here waits for the devices: batches come
+    from the prefetcher, metrics stay on the devices until the Log hook fetches them."""
     while p.step < p.total and not p.stop:
-        batch = sharding.host_batch_to_global(data.train.batch(p.position), setup.mesh)
-        p.state, metrics = setup.train_step(p.state, batch)
+        with trace.step(p.step + 1):  # profiler traces split the timeline by step
+            batch = batches.get(p.position)
+            p.state, metrics = setup.train_step(p.state, batch)
         p.step, p.position = p.step + 1, p.position + 1
         p.pending.append(metrics)
         p.rolled_back = False
@@ -70,9 +92,32 @@ def _run(setup: StepSetup, data: data_setup.TrainData, p: Progress,
                     break
 
 
+def _plan(setup: StepSetup, data: data_setup.TrainData, state: TrainState, ckpt: Checkpointer,
+          run_dir: Path, t_start: float, prompt: str | None
+          ) -> tuple[StepSetup, budget.Plan | None]:
+    """The setup with train.steps as train.time_budget plans it (jaxlm.train.budget). A
+    budget too short for one step leaves a fresh run no folder behind."""
+    def probe_sample(params):
+        return sample.summary_sample(setup, params, data.tokenizer, prompt)
+
+    try:
+        return budget.plan_run(
+            setup, data, state, resumed=ckpt.latest_step() is not None, run_dir=run_dir,
+            t_start=t_start, sample=probe_sample if sample.can_sample(setup, prompt) else None)
+    except ConfigError:
+        ckpt.close()
+        for folder in (ckpt.directory, run_dir):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
 def _start(setup: StepSetup, ckpt: Checkpointer, run_dir: Path) -> tuple[TrainState, int]:
     """(state, data position): the newest readable checkpoint's, or a fresh initialisation."""
     if ckpt.latest_step() is None:
+        if setup.cfg.model.init_from:
+            say(f"initialised from {setup.cfg.model.init_from} (fresh optimizer state)")
+            return weights.fine_tune_state(setup), 0
         return setup.init_state(), 0
     step, state, data_state = ckpt.restore(setup.abstract_state)
     say(f"resumed {run_dir} from step {step}")
@@ -94,12 +139,17 @@ def _announce(setup: StepSetup, summary: Summary, data: data_setup.TrainData,
 
 
 def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,
-           summary: Summary, run_dir: Path, start: int) -> list[hooks.Hook]:
-    """In order: preemption, progress, log, health (may roll back), evaluation, checkpoint."""
+           summary: Summary, run_dir: Path, start: int,
+           plan: budget.Plan | None = None) -> list[hooks.Hook]:
+    """In order: preemption, progress, log, health (may roll back), evaluation, checkpoint,
+    profiler trace. A new plan of train.time_budget is the first row they write."""
     cfg = setup.cfg
     writer = rundir.MetricsWriter(
         run_dir, enabled=is_main(),
         trackers=tracking.open_trackers(cfg, run_dir) if is_main() else ())
+    if plan is not None:
+        writer.write(plan.row())
+        say(plan.describe(), cfg.run.quiet)
     bar = progress.bar(total=cfg.train.steps, initial=start, desc="train", unit="step",
                        quiet=cfg.run.quiet or not is_main())
     # MFU over the peak of all devices (a table, or on CPU a ~0.3 s matmul measured here).
@@ -113,7 +163,7 @@ def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,
 
     return [hooks.Preemption(cfg.train.log_every), hooks.ProgressBar(bar), log, health,
             hooks.Evaluate(cfg, evaluate, writer, summary, bar, log),
-            hooks.Checkpoint(cfg, ckpt, health)]
+            hooks.Checkpoint(cfg, ckpt, health), hooks.Trace(cfg, run_dir, start)]
 
 
 def _finish(cfg: Config, summary: Summary, ckpt: Checkpointer, run_dir: Path, p: Progress,

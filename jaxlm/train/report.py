@@ -36,6 +36,8 @@ class Summary:
     stopped_early: bool = False
     tokens: int = 0  # positions trained on: steps × batch_size × seq_len
     flops_per_token: float = float("nan")
+    time_budget: float = 0.0  # train.time_budget the step count was planned for (0 = none)
+    sample: str = ""  # the prompt and its continuation by the trained model
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -43,7 +45,8 @@ def format_summary(s: Summary, next_command: str = "") -> str:
     lines = [
         "─" * 60,
         f" run          {s.run_dir}",
-        f" steps        {s.steps}   params {s.params / 1e6:.2f}M   wall {s.wall_seconds:.0f}s",
+        f" steps        {s.steps}   params {s.params / 1e6:.2f}M   wall {s.wall_seconds:.0f}s"
+        + (f"   (planned for train.time_budget={s.time_budget:g}s)" if s.time_budget else ""),
         f" train loss   {s.train_loss:.4f}",
         f" eval loss    {s.eval_loss:.4f}  (best {s.best_eval_loss:.4f}, "
         f"{s.eval_bits_per_byte:.3f} bits/byte)",
@@ -53,6 +56,10 @@ def format_summary(s: Summary, next_command: str = "") -> str:
         + ("   (stopped early: run the same command to resume)" if s.stopped_early else ""),
         f" view         jaxlm plot {s.run_dir}   |   tensorboard --logdir {s.run_dir}",
     ]
+    if s.sample:  # control bytes a byte-level model may emit must not reach the terminal
+        shown = "".join(c if c.isprintable() or c == "\n" else "\ufffd" for c in s.sample)
+        first, *rest = shown.split("\n")
+        lines += [f" sample       {first}"] + [f"              {line}" for line in rest]
     if next_command:
         lines.append(f" next         {next_command}")
     return "\n".join(lines + ["─" * 60])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resolve(config_name: str | None, overrides: list[str]) -> tuple[Config, Path, bool]:
+def resolve(config_name: str | None, overrides: list[str], *,
+            read_checkpoint: Callable[[str], dict[str, Any]] | None = None
+            ) -> tuple[Config, Path, bool]:
     """(config, run dir, resuming?). An existing run dir's saved config wins; overrides may
-    only change what a resumed run can change (steps, logging, checkpointing, mesh)."""
-    cfg = config_lib.load(config_name, overrides)
+    only change what a resumed run can change (steps, logging, checkpointing, mesh).
+    `read_checkpoint`: what model.init_from fixes (see config.load)."""
+    cfg = config_lib.load(config_name, overrides, read_checkpoint=read_checkpoint)
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_dir(cfg)
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.exists():
@@ -63,7 +66,7 @@ def resolve(config_name: str | None, overrides: list[str]) -> tuple[Config, Path
                 f"{key}={new.get(key)!r} would change {what}. Use a new run.dir, or drop "
                 f"the override to resume")
     if config_name is not None:
-        explicit = config_lib.load(config_name, [])
+        explicit = config_lib.load(config_name, [], read_checkpoint=read_checkpoint)
         if config_lib.to_dict(explicit.model) != config_lib.to_dict(saved.model):
             raise ConfigError(
                 f"{run_dir} holds a run of another model than config '{config_name}'; "

@@ -87,5 +87,15 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
         return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
+def state_from_params(params: Any, tx: optax.GradientTransformation, shardings: TrainState,
+                      seed: int) -> TrainState:
+    """A step-0 TrainState around `params` (already in their shardings): a fresh optimizer
+    state and the dropout base key init_state makes (fold_in(PRNGKey(seed), 1))."""
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), shardings.rng)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
 def count_params(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))

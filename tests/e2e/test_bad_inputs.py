@@ -135,6 +135,10 @@ CASES = [
       *SHAPE[:-2], "run.quiet=true"], "not divisible by the data-parallel size 8"),
     (["train", f"run.dir={T}/new", f"data.files={T}/ok.txt", "mesh.data=1", "mesh.tensor=8",
       *SHAPE], "not divisible by mesh.tensor=8"),
+    (["train", f"run.dir={T}/new", f"data.files={T}/ok.txt", "mesh.dcn_data=2", *SHAPE],
+     "devices are in 1 process"),
+    (["train", f"run.dir={T}/new", "mesh.dcn_fsdp=0"], "mesh.dcn_fsdp a positive count"),
+    (["train", f"run.dir={T}/new", "profile.steps=-1"], "profile.steps must be >= 0"),
     # checkpoints and other commands
     (["train", f"run.dir={T}/broken_run", "train.steps=3"], "no readable checkpoint"),
     (["generate", "--run", f"{T}/nowhere", "--prompt", "x"], "not a jaxlm run directory"),
@@ -248,6 +252,7 @@ CASES += [
     (["compile", "--topology", "v5e:2x2", "train.batch_size=0"], "must be positive"),
     (["compile", "--topology", ""], "argument --topology: expected a TPU topology"),
     (["compile"], "required: --topology"),
+    (["compile", "--topology", "v5e:2x2", "--slices", "0"], "argument --slices: must be >= 1"),
     # bench
     (["bench", "--config", f"{T}/missing.yaml"], "not found"),
     ([*BENCH, "--steps", "0"], "argument --steps: must be >= 1, got 0"),
@@ -260,6 +265,7 @@ CASES += [
     *[(["profile", "--run", f"{T}/{d}"], f"{d}/config.yaml is not a valid jaxlm run config: {n}")
       for d, n in DAMAGED[:3]],
     (["profile", "--config", f"{T}/missing.yaml"], "not found"),
+    ([*PROF, "--trace", f"{T}/ok.txt"], "--trace '{tmp}/ok.txt' is a file"),
     ([*PROF, "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     ([*PROF, "--steps", "1.5"], "argument --steps: expected an integer"),
     ([*PROF, "--config", "tiny"], "not allowed with argument --run"),
@@ -326,13 +332,15 @@ def test_runs_lists_a_damaged_run_as_unreadable_and_goes_on(env, capsys):
     assert _checksums(tmp) == before
 
 
-def test_non_utf8_bytes_are_replaced_and_counted_by_default(env, caplog):
-    from jaxlm.data.pipeline import read_texts
+def test_non_utf8_bytes_are_replaced_and_counted_by_default(env, caplog, capsys):
+    from jaxlm.data.sources import plan_files, read_piece
 
     tmp, _ = env
-    docs = read_texts([str(tmp / "latin1.txt")])
-    assert docs[0].count("\ufffd") == 100
+    got = read_piece(plan_files([str(tmp / "latin1.txt")])[0])
+    assert got.texts[0].count("\ufffd") == got.replaced == 100
+    assert main(["prepare", "--files", str(tmp / "latin1.txt"), "--quiet"]) == 0
     assert "replaced 100 invalid UTF-8" in caplog.text
+    assert "train" in capsys.readouterr().out
 
 
 def test_top_k_above_the_vocabulary_means_every_token(env, capsys):

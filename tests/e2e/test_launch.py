@@ -1,5 +1,6 @@
 """Launchers and distributed detection: shellcheck on launch/, the exact gcloud commands of
-the TPU pod launcher, SLURM/variable/flag detection, a coordinator that cannot be reached,
+the TPU pod launcher, flags/variables/cluster hints, two processes started through JAX's own
+SLURM detection, a coordinator that cannot be reached,
 exit codes of the local launcher, and the Colab notebook run top to bottom on CPU."""
 
 import os
@@ -16,15 +17,18 @@ import pytest
 
 from jaxlm import distributed
 from jaxlm.config import ConfigError
-from jaxlm.distributed import DistributedSpec, detect, expand_nodelist
+from jaxlm.distributed import DistributedSpec, detect
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
 
 
 def _env(**extra: str) -> dict[str, str]:
+    # Keeps the session's compilation cache and JAXLM_CACHE (conftest), so nothing is
+    # written to ~/.cache.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "JAX_", "JAXLM_", "XLA_FLAGS"))}
+           if not k.startswith(("SLURM_", "JAX_", "JAXLM_", "XLA_FLAGS"))
+           or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAXLM_CACHE"))}
     return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 
@@ -112,6 +116,20 @@ def test_tpu_pod_multislice_runs_every_slice():
     runs = [c for c in cmds if c[4] == "ssh" and "jaxlm.cli" in _remote_command(c)]
     assert [c[5] for c in runs] == ["ms-0", "ms-1"]
     assert all("--worker=all" in c for c in runs)
+    # The slices meet at worker 0 of ms-0 (its address, looked up before the runs start);
+    # each node's workers know the slice count and their slice.
+    (describe,) = [c for c in cmds if c[3:5] == ["tpu-vm", "describe"]]
+    assert describe[5] == "ms-0" and cmds.index(describe) < cmds.index(runs[0])
+    assert "--format=value(networkEndpoints[0].ipAddress)" in describe
+    for i, cmd in enumerate(runs):
+        env = dict(w.split("=", 1) for w in _remote_command(cmd).split(" && ")[2].split()[1:])
+        assert env == {"JAXLM_DISTRIBUTED": "auto",
+                       "MEGASCALE_COORDINATOR_ADDRESS": "COORDINATOR_IP:8080",
+                       "MEGASCALE_NUM_SLICES": "2", "MEGASCALE_SLICE_ID": str(i),
+                       "MEGASCALE_PORT": "8080"}
+    single = _dry_run("--name", "one", "--zone", "z", "--type", "v5p-16", "--dry-run", "--",
+                      "train")
+    assert "MEGASCALE" not in " ".join(" ".join(c) for c in single)
 
 
 def test_tpu_pod_refuses_bad_input():
@@ -131,37 +149,62 @@ SLURM = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08,10]",
          "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "8(x3)"}
 
 
-def test_expand_nodelist():
-    assert expand_nodelist("node[01-04,07]") == ["node01", "node02", "node03", "node04",
-                                                 "node07"]
-    assert expand_nodelist("a1,b[8-10],c") == ["a1", "b8", "b9", "b10", "c"]
-    assert expand_nodelist("r[1-2]-n[1,3]") == ["r1-n1", "r1-n3", "r2-n1", "r2-n3"]
-    assert expand_nodelist("solo") == ["solo"]
-    with pytest.raises(ConfigError):
-        expand_nodelist("node[01-03")
-
-
-def test_slurm_detection():
-    spec = detect(env=SLURM)
-    port = 123456 % 4096 + 61440
-    assert spec == DistributedSpec(f"gpu07:{port}", 24, 9, (1,), "slurm")
-    # One task per node: the task keeps all of its node's GPUs.
-    one_per_node = {**SLURM, "SLURM_NTASKS": "3", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
-                    "SLURM_NTASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1(x3)"}
-    assert detect(env=one_per_node) == DistributedSpec(f"gpu07:{port}", 3, 2, None, "slurm")
-    assert detect(env={**SLURM, "JAX_COORDINATOR_PORT": "5000"}).coordinator == "gpu07:5000"
+def test_clusters_are_left_to_jax_detection(tmp_path):
+    """A cluster's signs make a spec with nothing filled in (JAX reads the coordinator, the
+    count and the id); a plain machine, a one-task SLURM job and Colab are one process."""
+    assert detect(env=SLURM) == DistributedSpec(None, None, None, None, "slurm")
+    assert detect(env={**SLURM, "JAXLM_COORDINATOR_ADDRESS": "gpu07:5000"}).coordinator == \
+        "gpu07:5000"
+    assert detect(env={**SLURM, "JAXLM_LOCAL_DEVICE_IDS": "0,1"}).local_device_ids == (0, 1)
     assert detect(env={**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
     assert detect(env={**SLURM, "JAXLM_DISTRIBUTED": "off"}) is None
+    assert detect(env={"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:3000"}).source == "ompi"
+    assert detect(env={"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1:8080"}).source == "tpu"
+    assert detect(env={"TPU_WORKER_HOSTNAMES": "a,b", "COLAB_RELEASE_TAG": "x"}) is None
+    forced = detect(env={"JAXLM_DISTRIBUTED": "slurm"})
+    assert forced.auto and forced.method == "slurm"
+    assert detect(env={"JAXLM_DISTRIBUTED": "auto"}).method is None
+    # TPU chips on the PCI bus (a fake sysfs): vendor Google, a TPU device id.
+    chip = tmp_path / "0000:00:04.0"
+    chip.mkdir()
+    (chip / "vendor").write_text("0x1ae0\n")
+    (chip / "device").write_text("0x0062\n")
+    assert distributed._tpu_chips_on_pci(str(tmp_path))
+    (chip / "device").write_text("0x0042\n")  # a Google virtual NIC, not a TPU
+    assert not distributed._tpu_chips_on_pci(str(tmp_path))
 
 
-def test_slurm_detection_agrees_with_jax(monkeypatch):
-    from jax._src.clusters.slurm_cluster import SlurmCluster
+def _free_slurm_job_id() -> int:
+    """A job id whose SLURM coordinator port (JAX's rule: the top 4096 ports) is free here."""
+    for port in range(65535, 61440, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return 4096 * 250 + port - 61440
+    pytest.skip("no free port in 61440-65535")
 
-    for k, v in SLURM.items():
-        monkeypatch.setenv(k, v)
-    assert detect().coordinator == SlurmCluster.get_coordinator_address(None, None)
-    assert detect().num_processes == SlurmCluster.get_process_count()
-    assert detect().process_id == SlurmCluster.get_process_id()
+
+def test_two_processes_start_through_jax_slurm_detection():
+    """Two processes with SLURM's variables and no flags join one run: JAX's own detection
+    finds the coordinator (first node, a port from the job id), the count and the ids."""
+    job = _free_slurm_job_id()
+    script = ("from jaxlm import distributed as d; d.initialize(d.detect(), timeout_s=60); "
+              "import jax; print('joined', jax.process_index(), jax.process_count(), "
+              "jax.device_count())")
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="localhost",
+                 SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
+                 SLURM_LOCALID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+        for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err
+        assert f"joined {i} 2 4" in out
+        assert f"jaxlm: process {i}/2" in err and "(slurm, detected by jax.distributed)" in err
 
 
 def test_variables_and_flags():
@@ -179,6 +222,7 @@ def test_variables_and_flags():
     assert detect(None, 1, None, env=SLURM) is None  # --num-processes 1 wins over SLURM
     assert detect(env={}) is None
     assert detect(env={"JAXLM_DISTRIBUTED": "auto"}).auto
+    assert detect(env={**SLURM, "JAXLM_DISTRIBUTED": "auto"}).source == "JAXLM_DISTRIBUTED=auto"
 
 
 @pytest.mark.parametrize("args,env", [
@@ -188,6 +232,7 @@ def test_variables_and_flags():
     ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:9"}),  # count and id missing
     ((None, None, None), {"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}),
     ((None, None, None), {"JAXLM_DISTRIBUTED": "maybe"}),
+    ((None, None, None), {"JAXLM_LOCAL_DEVICE_IDS": "0,x", "JAXLM_DISTRIBUTED": "auto"}),
 ])
 def test_incomplete_or_bad_settings_are_config_errors(args, env):
     with pytest.raises(ConfigError):
@@ -200,14 +245,16 @@ def test_initialize_without_spec_is_a_no_op():
 
 def test_auto_initialize_that_finds_no_cluster(capsys):
     """Here JAX is already running and no cluster is detectable: a TPU hint carries on as
-    one process with a note; an explicit JAXLM_DISTRIBUTED=auto is a config error."""
+    one process with a note; an explicit JAXLM_DISTRIBUTED=auto (or a SLURM hint that JAX
+    does not confirm) is a config error."""
     import jax
 
     distributed.initialize(DistributedSpec(None, None, None, None, "tpu"), timeout_s=20)
     assert "not joining a distributed run" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="forced-auto"):
-        distributed.initialize(DistributedSpec(None, None, None, None, "forced-auto"),
-                               timeout_s=20)
+    for source in ("JAXLM_DISTRIBUTED=auto", "slurm"):
+        with pytest.raises(ConfigError, match=f"failed \\({source}\\).*JAXLM_DISTRIBUTED=off"):
+            distributed.initialize(DistributedSpec(None, None, None, None, source),
+                                   timeout_s=20)
     assert not jax.distributed.is_initialized() and jax.process_count() == 1
 
 

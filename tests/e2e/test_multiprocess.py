@@ -22,8 +22,11 @@ SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d
 
 
 def _env(**extra: str) -> dict[str, str]:
+    # Keeps the session's compilation cache and JAXLM_CACHE (conftest), so nothing is
+    # written to ~/.cache.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "JAX_", "JAXLM_", "XLA_FLAGS"))}
+           if not k.startswith(("SLURM_", "JAX_", "JAXLM_", "XLA_FLAGS"))
+           or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAXLM_CACHE"))}
     return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 

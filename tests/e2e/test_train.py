@@ -10,13 +10,14 @@ import pytest
 from conftest import TINY_SHAPE, corpus
 
 import jaxlm
-from jaxlm import sharding
+from jaxlm import sampling, sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
 from jaxlm.config import MeshConfig
 from jaxlm.families.registry import build_model
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
+from jaxlm.train.report import Summary, format_summary
 from jaxlm.train.state import init_state, state_shardings
 
 SHAPE = TINY_SHAPE
@@ -115,3 +116,31 @@ def test_empty_corpus_exits_2(tmp_path, capsys):
 
 def _metrics_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rundir.read_metrics(run) if "loss" in r}
+
+
+def _readable(lm, prompt: str, tokens: int, seed: int) -> str:
+    return lm.generate(prompt, max_new_tokens=tokens, temperature=sampling.TEMPERATURE,
+                       top_k=sampling.TOP_K, top_p=sampling.TOP_P, seed=seed)
+
+
+def test_summary_sample_is_the_models_seeded_continuation(trained):
+    run, _ = trained
+    sample = rundir.read_summary(run)["sample"]  # the fixture's run has data.files: "The"
+    new = _readable(jaxlm.load(run), "The", sampling.SUMMARY_TOKENS, sampling.SUMMARY_SEED)
+    assert new and sample == "The" + new
+
+
+def test_generate_defaults_are_the_readable_settings(trained, capsys):
+    run, _ = trained
+    assert main(["generate", "--run", str(run), "--prompt", "SPEAKER1:", "--seed", "3",
+                 "--max-new-tokens", "40"]) == 0
+    expected = "SPEAKER1:" + _readable(jaxlm.load(run), "SPEAKER1:", 40, 3)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_summary_shows_the_sample_without_control_bytes():
+    text = format_summary(Summary(run_dir="r", steps=1, params=1, sample="ROMEO:\nI\x1b[2J am"))
+    lines = text.splitlines()
+    i = lines.index(" sample       ROMEO:")
+    assert lines[i + 1] == "              I\ufffd[2J am"
+    assert "sample" not in format_summary(Summary(run_dir="r", steps=1, params=1))

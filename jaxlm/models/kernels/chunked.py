@@ -26,11 +26,12 @@ _MASKED = jnp.finfo(jnp.float32).min  # as the reference: fully masked rows stay
 
 def chunked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                       mask: MaskSpec | jax.Array | None = None,
-                      bias_BNTS: jax.Array | None = None, *, scale: float,
+                      bias_BNTS: jax.Array | None = None, *, scale: float, cap: float = 0.0,
                       q_block: int = DEFAULT_BLOCK, kv_block: int = DEFAULT_BLOCK) -> jax.Array:
-    """softmax(q kᵀ·scale + bias, masked) v with float32 softmax statistics; returns
-    [B, T, N, H] in v's dtype. `mask` is a MaskSpec or a dense [B or 1, T, S] bool array
-    (the dense form is sliced per tile: it still costs T·S bytes to hold)."""
+    """softmax(softcap(q kᵀ·scale, cap) + bias, masked) v with float32 softmax statistics
+    (cap 0: no soft-cap); returns [B, T, N, H] in v's dtype. `mask` is a MaskSpec or a
+    dense [B or 1, T, S] bool array (the dense form is sliced per tile: it still costs T·S
+    bytes to hold)."""
     B, T, N, H = q_BTNH.shape
     S = k_BSKH.shape[1]
     bq, bk = min(q_block, T), min(kv_block, S)
@@ -48,8 +49,9 @@ def chunked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     if bias_BNTS is not None:
         bias_BNTS = jnp.pad(bias_BNTS, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
-    # Static (hashable) arguments of the custom VJP: scale, tile sizes, true key length.
-    st = (float(scale), bq, bk, S)
+    # Static (hashable) arguments of the custom VJP: scale, tile sizes, true key length,
+    # soft-cap.
+    st = (float(scale), bq, bk, S, float(cap))
     out = _attend(pad(q_BTNH, Tp), pad(k_BSKH, Sp), pad(v_BSKH, Sp), spec, dense, bias_BNTS, st)
     return out[:, :T]
 
@@ -57,12 +59,17 @@ def chunked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 def _tile_logits(q_tile, k_tile, bias, spec, dense, i, j, st, K):
     """float32 logits [B, K, G, bq, bk] of query tile i against key tile j, with masked
     pairs at the float32 minimum (as the reference) and keys past the end at -inf (never
-    counted); also returns where the pairs are live (allowed and real)."""
-    scale, bq, bk, kv_len = st
+    counted); also returns where the pairs are live (allowed and real), and with a soft-cap
+    its slope d capped / d uncapped (else None)."""
+    scale, bq, bk, kv_len, cap = st
     B = q_tile.shape[0]
     q_BtKGH = q_tile.reshape(B, bq, K, -1, q_tile.shape[-1])
     s = jnp.einsum("btkgh,bskh->bkgts", q_BtKGH, k_tile,
                    preferred_element_type=jnp.float32) * scale
+    slope = None
+    if cap:
+        s = cap * jnp.tanh(s / cap)
+        slope = 1 - jnp.square(s / cap)
     if bias is not None:
         b = jax.lax.dynamic_slice(bias, (0, 0, i * bq, j * bk), (*bias.shape[:2], bq, bk))
         kg = (K, -1) if b.shape[1] > 1 else (1, 1)
@@ -79,16 +86,16 @@ def _tile_logits(q_tile, k_tile, bias, spec, dense, i, j, st, K):
         live = allowed[:, None, None] & in_range
     else:
         live = jnp.broadcast_to(in_range, (1, 1, 1, bq, bk))
-    return jnp.where(in_range, s, -jnp.inf), live
+    return jnp.where(in_range, s, -jnp.inf), live, slope
 
 
 def _kv_range(spec, i, st, nk):
     """Key tiles [lo, hi) that query tile i can see under the causal / window parts."""
-    _, bq, bk, _ = st
+    bq, bk = st[1:3]
     lo, hi = 0, nk
     if spec is None:
         return lo, hi
-    off = 0 if spec.q_offset is None else spec.q_offset
+    off = spec.q_shift
     if spec.causal:
         hi = jnp.clip((i * bq + bq - 1 + off) // bk + 1, 0, nk)
     if spec.window:
@@ -99,11 +106,11 @@ def _kv_range(spec, i, st, nk):
 
 def _q_range(spec, j, st, nq):
     """Query tiles [lo, hi) that can see key tile j (the transpose of _kv_range)."""
-    _, bq, bk, _ = st
+    bq, bk = st[1:3]
     lo, hi = 0, nq
     if spec is None:
         return lo, hi
-    off = 0 if spec.q_offset is None else spec.q_offset
+    off = spec.q_shift
     if spec.causal:  # some query position >= j * bk
         lo = jnp.clip((j * bk - off) // bq, 0, nq)
     if spec.window:  # some query position < (j + 1) * bk - 1 + window
@@ -120,7 +127,7 @@ def _forward(q, k, v, spec, dense, bias, st):
     """Returns out [B, Tp, N, H] (v's dtype) and logsumexp [B, K, G, Tp] (float32)."""
     B, Tp, N, H = q.shape
     K = k.shape[2]
-    _, bq, bk, _ = st
+    bq, bk = st[1:3]
     nq, nk = Tp // bq, k.shape[1] // bk
 
     def q_tile(i):
@@ -129,7 +136,7 @@ def _forward(q, k, v, spec, dense, bias, st):
         def body(j, carry):
             m, denom, acc = carry
             k_j, v_j = _slice_rows(k, j * bk, bk), _slice_rows(v, j * bk, bk)
-            s, _ = _tile_logits(q_i, k_j, bias, spec, dense, i, j, st, K)
+            s = _tile_logits(q_i, k_j, bias, spec, dense, i, j, st, K)[0]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -167,7 +174,7 @@ def _attend_bwd(st, res, do):
     B, Tp, N, H = q.shape
     Sp, K = k.shape[1], k.shape[2]
     G = N // K
-    scale, bq, bk, _ = st
+    scale, bq, bk = st[:3]
     nq, nk = Tp // bq, Sp // bk
     # D_i = rowsum(dO ∘ O): the softmax Jacobian's correction term.
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, Tp, N]
@@ -181,7 +188,7 @@ def _attend_bwd(st, res, do):
             dq, dbias, dk_j, dv_j = c
             q_i = _slice_rows(q, i * bq, bq)
             do_i = _slice_rows(do, i * bq, bq).reshape(B, bq, K, G, H)
-            s, live = _tile_logits(q_i, k_j, bias, spec, dense, i, j, st, K)
+            s, live, slope = _tile_logits(q_i, k_j, bias, spec, dense, i, j, st, K)
             lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
             p = jnp.exp(s - lse_i[..., None])                         # [B, K, G, bq, bk]
             dv_j += jnp.einsum("bkgts,btkgh->bskh", p.astype(do.dtype), do_i,
@@ -189,10 +196,11 @@ def _attend_bwd(st, res, do):
             dp = jnp.einsum("btkgh,bskh->bkgts", do_i, v_j, preferred_element_type=jnp.float32)
             d_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
             ds = jnp.where(live, p * (dp - d_i[..., None]), 0.0)
+            ds_qk = ds if slope is None else ds * slope  # through the soft-cap's tanh
             q_i5 = q_i.reshape(B, bq, K, G, H)
-            dk_j += jnp.einsum("bkgts,btkgh->bskh", ds, q_i5,
+            dk_j += jnp.einsum("bkgts,btkgh->bskh", ds_qk, q_i5,
                                preferred_element_type=jnp.float32) * scale
-            dq_i = jnp.einsum("bkgts,bskh->btkgh", ds, k_j,
+            dq_i = jnp.einsum("bkgts,bskh->btkgh", ds_qk, k_j,
                               preferred_element_type=jnp.float32) * scale
             dq = jax.lax.dynamic_update_slice_in_dim(
                 dq, _slice_rows(dq, i * bq, bq) + dq_i.reshape(B, bq, N, H), i * bq, axis=1)

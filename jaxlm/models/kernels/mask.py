@@ -18,9 +18,11 @@ from flax import struct
 class MaskSpec:
     """Query i may attend key j iff every part present allows it:
 
-    causal:  j <= i + q_offset                (query i sits at absolute position i + q_offset)
-    window:  j >  i + q_offset - window       (a band of `window` keys; with causal: GPT-3's
-                                               local layers). Off where `window_on` is False.
+    causal:  j + kv_offset <= i + q_offset    (query i sits at absolute position i + q_offset,
+                                               key j at j + kv_offset)
+    window:  j + kv_offset > i + q_offset - window   (a band of `window` keys; with causal:
+                                               GPT-3's local layers). Off where `window_on`
+                                               is False.
     segment: q_segment[b, i] == kv_segment[b, j]   (packed documents)
     padding: kv_valid[b, j]                         (real key tokens)
     """
@@ -32,6 +34,8 @@ class MaskSpec:
     window_on: jax.Array | None = None
     # Scalar int; None = 0. Decoding with a KV cache puts the queries after the cache.
     q_offset: jax.Array | None = None
+    # Scalar int; None = 0. A rolling cache's keys start mid-sequence (ring_cache.py).
+    kv_offset: jax.Array | None = None
     causal: bool = struct.field(pytree_node=False, default=False)
     window: int = struct.field(pytree_node=False, default=0)
 
@@ -40,6 +44,12 @@ class MaskSpec:
         """Whether batch-dependent parts (segments, padding) are present."""
         return any(x is not None for x in (self.q_segment_BT, self.kv_segment_BS,
                                            self.kv_valid_BS))
+
+    @property
+    def q_shift(self) -> jax.Array | int:
+        """Query i sits at key index i + q_shift (q_offset less kv_offset)."""
+        return (0 if self.q_offset is None else self.q_offset) - (
+            0 if self.kv_offset is None else self.kv_offset)
 
     def tile(self, q_start, q_len: int, k_start, k_len: int) -> jax.Array | None:
         """[B or 1, q_len, k_len] allowed pairs of queries q_start.. and keys k_start..;
@@ -50,9 +60,7 @@ class MaskSpec:
             nonlocal out
             out = m if out is None else out & m
 
-        q_pos = (jnp.arange(q_len) + q_start)[:, None]
-        if self.q_offset is not None:
-            q_pos = q_pos + self.q_offset
+        q_pos = (jnp.arange(q_len) + q_start)[:, None] + self.q_shift
         k_pos = (jnp.arange(k_len) + k_start)[None, :]
         if self.causal:
             both((k_pos <= q_pos)[None])

@@ -28,8 +28,10 @@ def block_size(length: int, largest: int = 512) -> int:
 
 
 def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-                     mask: MaskSpec | None, *, scale: float, block: int = 512,
-                     interpret: bool | None = None) -> jax.Array:
+                     mask: MaskSpec | None, *, scale: float, cap: float = 0.0,
+                     block: int = 512, interpret: bool | None = None) -> jax.Array:
+    """Attention with the logits scaled (and soft-capped at `cap`, 0 = off) as in
+    attention.py."""
     B, T, N, H = q_BTNH.shape
     S = k_BSKH.shape[1]
     if mask is not None and mask.q_offset is not None:
@@ -52,7 +54,8 @@ def splash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
         else:
             head = sm.FullMask((Tp, Sp))
         return sk.make_splash_mha(sm.MultiHeadMask([head] * N), block_sizes=blocks,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+                                  attn_logits_soft_cap=cap or None, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
 
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
     # The kernel works on one example, heads first: q [N, T, H], k/v [K, S, H].

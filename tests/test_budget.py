@@ -1,0 +1,54 @@
+"""train.time_budget's planning arithmetic (jaxlm.train.budget): the planned step count is
+the most that fits, and the evaluations and saves it counts are those the hooks run."""
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm.train import budget, hooks
+from jaxlm.train.budget import Costs, plan_steps, predicted_seconds
+
+COSTS = Costs(setup=7.5, compile=2.0, step=0.05, eval=1.5, save=0.4, sample=0.7)
+
+
+def _limit(seconds: float) -> float:
+    return seconds * (1 - budget.RESERVE_SHARE) - budget.RESERVE_SECONDS
+
+
+@pytest.mark.parametrize("seconds, eval_every, save_every", [
+    (60, 100, 250), (60, 0, 1000), (300, 37, 11), (20, 5, 5)])
+def test_plan_is_the_most_steps_that_fit(seconds, eval_every, save_every):
+    n = plan_steps(COSTS, seconds, 10**6, eval_every, save_every)
+    assert n > 0
+    assert predicted_seconds(n, COSTS, eval_every, save_every) <= _limit(seconds)
+    assert predicted_seconds(n + 1, COSTS, eval_every, save_every) > _limit(seconds)
+    # By hand for the first case: 56.2 s are left after the reserve. 700 steps take 8.2 s of
+    # fixed costs, 35 s of steps, 7 evaluations (10.5 s) and 3 saves (1.2 s): 54.9 s. A 701st
+    # step brings an 8th evaluation: 56.45 s.
+    if (seconds, eval_every, save_every) == (60, 100, 250):
+        assert n == 700
+
+
+def test_plan_stops_at_train_steps_and_is_0_when_nothing_fits():
+    assert plan_steps(COSTS, 1e6, 1234, 100, 100) == 1234
+    assert plan_steps(COSTS, 8.0, 1000, 100, 100) == 0  # the fixed costs alone: 8.2 s
+    assert plan_steps(Costs(0, 0, 1.0, 0, 0, 0), 100.0, 10**9, 0, 10**9) == int(_limit(100))
+
+
+def _hook_runs(hook: hooks.Hook, steps: int) -> int:
+    p = hooks.Progress(step=0, total=steps, position=0, state=None)
+    runs = 0
+    for s in range(1, steps + 1):
+        p.step = s
+        runs += hook.due(p)
+    return runs
+
+
+@pytest.mark.parametrize("steps, every", [(100, 10), (101, 10), (7, 10), (30, 0), (1, 1)])
+def test_counted_evaluations_and_saves_are_the_hooks(steps, every):
+    cfg = config_lib.load(None, [f"train.eval_every={every}"])
+    evaluate = hooks.Evaluate(cfg, lambda params: {}, None, None, None, None)
+    assert budget.times_due(steps, every) == _hook_runs(evaluate, steps)
+    if every > 0:
+        save = hooks.Checkpoint(config_lib.load(None, [f"checkpoint.every={every}"]), None,
+                                None)
+        assert budget.times_due(steps, every) == _hook_runs(save, steps)
