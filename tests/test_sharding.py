@@ -115,3 +115,31 @@ def test_mesh_errors_name_the_problem(mesh_cfg, model_extra, needle):
         mesh = sharding.make_mesh(mesh_cfg)
         sharding.check_model_fits_mesh(cfg.model, mesh)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("preset", ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "gemma2-tiny",
+                                    "gemma3-tiny", "mistral-tiny", "mixtral-tiny"])
+def test_every_parameter_of_the_new_decoders_has_logical_axes(preset):
+    """q/k norms, q/k/v biases, sandwich norms, routers and stacked experts are named like
+    every other weight (one name per dimension), so the rules table shards them; the experts
+    go to the `expert` mesh axis."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxlm.config import ModelConfig, preset_fields
+    from jaxlm.families.registry import build_model
+
+    cfg = ModelConfig(**preset_fields(preset))
+    boxed = jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0),
+                           jnp.zeros((1, 8), jnp.int32))["params"]
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box):
+        name = jax.tree_util.keystr(path)
+        assert is_box(leaf) and len(leaf.names) == leaf.value.ndim, name
+    if cfg.num_experts:
+        mesh_cfg = MeshConfig(data=1, fsdp=2, expert=4)
+        specs = sharding.logical_to_sharding(nn.get_partition_spec(boxed),
+                                             sharding.make_mesh(mesh_cfg),
+                                             sharding.logical_rules(mesh_cfg))
+        experts = specs["decoder"]["layers"]["mlp"]["experts"]
+        assert {s.spec[1] for s in jax.tree.leaves(experts)} == {"expert"}  # after layers

@@ -225,3 +225,14 @@ def test_a_tokenizer_trains_on_the_training_share_only(tmp_path, files):
     text = "".join(corpus.training_texts(src, None, DataConfig(valid_fraction=0.1)))
     assert text == docs[0][:round(0.9 * len(docs[0]))]
     assert "".join(corpus.training_texts(src, src, DataConfig())) == docs[0]
+
+
+def test_ids_beyond_uint16_are_stored_as_uint32(tmp_path, files):
+    class WideBytes(ByteTokenizer):  # bytes, with an EOS id that needs 32 bits
+        vocab_size, eos_id = 70_000, 69_999
+
+    paths, docs = files
+    store = _store(tmp_path / "stores", paths[:1], WideBytes())
+    assert store.dtype == np.uint32
+    np.testing.assert_array_equal(store.read(0, store.num_tokens),
+                                  np.r_[list(docs[0].encode()), 69_999])

@@ -127,13 +127,18 @@ def save_hf(cfg: ModelConfig, params: Any, out_dir: str | Path, *, dtype: str = 
     index when one file would be larger) in `dtype`, which the HF class for `cfg` loads. A
     model the HF class cannot hold is refused (ConversionError) before anything is written."""
     out = Path(out_dir)
-    module = family_module(hf_model_type(cfg), family=cfg.family)
-    hf_config = module.hf_config_from(cfg)
-    tensors = module.params_to_hf(params, cfg)
+    hf_config = hf_config_for(cfg)
+    tensors = family_module(hf_config["model_type"], family=cfg.family).params_to_hf(params, cfg)
     write_shards(tensors, out, dtype=jnp.dtype(dtype), max_shard_bytes=max_shard_bytes)
     hf_config["dtype"] = str(dtype)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
+
+
+def hf_config_for(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json of `cfg` as an HF model; ConversionError naming what HF's class cannot
+    hold (checked before any weight is read or written)."""
+    return family_module(hf_model_type(cfg), family=cfg.family).hf_config_from(cfg)
 
 
 def hf_model_type(cfg: ModelConfig) -> str:

@@ -24,7 +24,7 @@ from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError, MeshConfig, TrainConfig
 from jaxlm.convert import ConversionError, family_module
-from jaxlm.convert.hf import lazy_params, place, read_hf_config, save_hf
+from jaxlm.convert.hf import hf_config_for, lazy_params, place, read_hf_config, save_hf
 from jaxlm.convert.hf_tokenizer import save_for_hf
 from jaxlm.convert.safetensors_files import DEFAULT_MAX_SHARD_BYTES
 from jaxlm.data.tokenizers import Tokenizer, decoder_start_id, load_tokenizer
@@ -32,6 +32,7 @@ from jaxlm.families import registry
 from jaxlm.optim import make_optimizer
 from jaxlm.train import rundir
 from jaxlm.train.state import TrainState, state_from_params, state_shardings
+from jaxlm.weights import model_config_of
 
 # model.* keys a conversion may set; the rest come from the HF config (they shape the params).
 MODEL_OVERRIDES = ("scan_layers", "remat", "dropout", "attention", "dtype", "param_dtype")
@@ -148,6 +149,7 @@ def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32
     _check_out(out)
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    hf_config_for(model_config_of(run_dir))  # refused before the weights are read
     lm = load(run_dir)
     params = jax.device_get(lm.params)
     # The decoder start the run used (-1: its tokenizer's BOS), as HF's decoder_start_token_id.

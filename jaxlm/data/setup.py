@@ -123,8 +123,9 @@ def _text_data(cfg: Config, run_dir: Path, progress: bool) -> TrainData:
                           f"{cfg.model.family} family; remove it")
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
     quiet = not progress
-    layout = lambda tok: functools.partial(  # noqa: E731
-        family.from_windows, start_id=decoder_start_id(cfg.model, tok))
+    def layout(tok: Tokenizer) -> Callable:  # plain-text windows as the family trains on
+        return functools.partial(family.from_windows, start_id=decoder_start_id(cfg.model, tok))
+
     if d.streaming:
         from jaxlm.data import stream
 

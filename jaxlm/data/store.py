@@ -16,6 +16,7 @@ positioned reads (os.pread locally): memory stays flat however large the store."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,6 +82,10 @@ class _Reader:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # also at interpreter exit
+            self.close()
 
 
 @dataclass

@@ -67,3 +67,17 @@ def test_bfloat16_export(exported, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert str(model.dtype) == "torch.bfloat16"
+
+
+def test_a_model_hf_cannot_hold_is_refused_before_its_weights_are_read(tmp_path, capsys):
+    """A run whose model has no HF class (GPT-2 with a gated MLP) exits 2 naming why, before
+    any checkpoint is read (this run has none), and writes nothing."""
+    from jaxlm import config as config_lib
+    from jaxlm.train import rundir
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    rundir.write_config(run, config_lib.load("tiny", ["model.gated_mlp=true"]))
+    assert main(["convert", "jaxlm2hf", "--run", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "gated" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".hf.partial*"))

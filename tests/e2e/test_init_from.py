@@ -3,6 +3,8 @@ mesh, whose first loss equals the HF model's on the same batch, with the tokeniz
 into the run; from a jaxlm run directory too; a contradicting model setting is refused with
 one line before anything is written."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,10 @@ from jaxlm.data.tokenizers import load_tokenizer, train_bpe
 from jaxlm.train import rundir
 
 V = 300
+# The same sharded mesh in every run here: identical steps compile once (the session's cache).
 TRAIN = ["train.steps=2", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
-         "train.eval_every=0", "checkpoint.every=2", "optim.warmup_steps=1", "run.quiet=true"]
+         "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=2",
+         "optim.warmup_steps=1", "run.quiet=true", "mesh.fsdp=2", "mesh.tensor=2"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def test_fine_tune_from_hf_dir_matches_hf_loss(hf_llama, tmp_path):
     hf, model, text = hf_llama
     run = tmp_path / "run"
     assert main(["train", f"model.init_from={hf}", f"data.files={text}", f"run.dir={run}",
-                 "mesh.fsdp=2", "mesh.tensor=2", *TRAIN]) == 0
+                 *TRAIN]) == 0
     cfg = rundir.load_config(run)
     m = cfg.model
     assert (m.preset, m.num_layers, m.d_model, m.num_kv_heads, m.d_ff, m.vocab_size) == (
@@ -108,3 +112,29 @@ def test_missing_source_is_one_line(tmp_path, capsys):
                  *TRAIN])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nowhere" in err[0] and not run.exists()
+
+
+@pytest.mark.parametrize("command, target", [
+    (["compile", "--topology", "v5e:2x2"], "jaxlm.aot.compile_for_topology"),
+    (["bench"], "jaxlm.bench.bench"), (["profile"], "jaxlm.profile.profile")])
+def test_compile_bench_profile_take_the_checkpoint_architecture(hf_llama, monkeypatch,
+                                                                command, target):
+    """Sized like the run `jaxlm train model.init_from=...` would make (the default config's
+    shape would be another model); stopped where the work would start."""
+    hf, _, _ = hf_llama
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def capture(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise Reached
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, capture)
+    with pytest.raises(Reached):
+        main([*command, f"model.init_from={hf}"])
+    m = seen[0].model
+    assert (m.preset, m.num_layers, m.d_model, m.num_kv_heads, m.d_ff, m.vocab_size) == (
+        "llama", 2, 32, 2, 64, V)
