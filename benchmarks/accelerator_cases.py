@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import gc
 import statistics
 import tempfile
 from pathlib import Path
@@ -57,9 +58,9 @@ def xla_flops_per_token(config: str, overrides: list[str],
                         verify: bool = False) -> dict[str, Any]:
     """XLA's FLOPs per token of the forward and backward pass (attention=xla, no remat, no
     optimizer), from the gradient compiled unrolled at 1, 2 and 3 layers and extrapolated to
-    L. XLA's count grows quadratically in depth, not linearly (its fusions recompute the
-    residual stream's chain of adds), and three depths fix a quadratic exactly; `verify`
-    also compiles all L layers and records that count beside it."""
+    L. XLA's count of an unrolled stack grows quadratically in depth, not linearly (its
+    second difference is constant), and three depths fix a quadratic exactly; `verify` also
+    compiles all L layers and records that count beside it."""
     cfg = _load(config, overrides)
     L, tokens = cfg.model.num_layers, cfg.train.batch_size * cfg.train.seq_len
 
@@ -87,6 +88,22 @@ def _gradient_flops(setup: StepSetup) -> float:
         compiled = jax.jit(grads).lower(setup.abstract_state.params,
                                         setup.abstract_batch()).compile()
     return perf.cost_flops(compiled, setup.mesh.size)
+
+
+def bench_fitting(config: str, overrides: list[str], steps: int, warmup: int, peak: float,
+                  xla_flops_per_tok: float | None) -> dict[str, Any]:
+    """bench_case, once more at half the batch if the device runs out of memory."""
+    try:
+        return bench_case(config, overrides, steps, warmup, peak, xla_flops_per_tok)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+    batch = _load(config, overrides).train.batch_size
+    if not ("RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower()) or batch < 2:
+        raise RuntimeError(error)
+    gc.collect()  # the failed attempt's buffers (its traceback is gone with the except block)
+    out = bench_case(config, [*overrides, f"train.batch_size={batch // 2}"], steps, warmup,
+                     peak, xla_flops_per_tok)
+    return {**out, "batch_halved_from": batch, "first_error": error}
 
 
 def bench_case(config: str, overrides: list[str], steps: int, warmup: int, peak: float,

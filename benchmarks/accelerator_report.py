@@ -85,7 +85,8 @@ def _status(c: dict[str, Any]) -> str:
     if c.get("same_as"):
         return f"= {c['same_as'].split(' ', 1)[1]} ({c['reason']})"
     if c["status"] == "ok":
-        return ""
+        return (f"batch {c['batch_halved_from'] // 2} (out of memory at "
+                f"{c['batch_halved_from']})" if c.get("batch_halved_from") else "")
     return f"{c['status']}: {c.get('error') or c.get('reason')}"[:160]
 
 

@@ -60,3 +60,28 @@ def test_xla_flops_extrapolated_from_three_depths_equal_the_full_count(smoke):
     data, _ = smoke
     (flops,) = _case(data, "xla_flops", "gpt2-124m")  # 4 layers in the smoke
     assert flops["flops_per_token"] == pytest.approx(flops["direct_flops_per_token"], rel=1e-6)
+
+
+def test_only_an_out_of_memory_case_runs_again_at_half_the_batch(monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    import accelerator_cases as cases
+
+    calls = []
+
+    def bench_case(config, overrides, *args):
+        calls.append(overrides[-1])
+        if len(calls) == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return {"tokens_per_sec": 1.0}
+
+    monkeypatch.setattr(cases, "bench_case", bench_case)
+    out = cases.bench_fitting("tiny", ["train.batch_size=8"], 1, 1, 1.0, None)
+    assert calls == ["train.batch_size=8", "train.batch_size=4"]
+    assert out["batch_halved_from"] == 8 and "RESOURCE_EXHAUSTED" in out["first_error"]
+
+    def broken(*args):
+        raise ValueError("not a memory problem")
+
+    monkeypatch.setattr(cases, "bench_case", broken)
+    with pytest.raises(RuntimeError, match="not a memory problem"):
+        cases.bench_fitting("tiny", ["train.batch_size=8"], 1, 1, 1.0, None)
