@@ -64,6 +64,19 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(vals, vals[1:]))
 
 
+def test_schedule_equals_optax_warmup_cosine_for_static_and_traced_step_counts():
+    """The jnp schedule (step count may be traced, for train.time_budget) is optax's
+    warmup_cosine_decay_schedule, the reference it replaced."""
+    cfg = OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1)
+    for total in (1, 5, 11, 40, 300):
+        warmup = min(cfg.warmup_steps, max(total - 1, 0))
+        reference = optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, warmup, max(total, warmup + 1), cfg.lr * cfg.min_lr_ratio)
+        counts = np.arange(total + 3)
+        ours = jax.jit(lambda c, t: jax.vmap(lr_schedule(cfg, t))(c))(counts, total)
+        np.testing.assert_allclose(ours, [reference(c) for c in counts], rtol=1e-5, atol=1e-9)
+
+
 def test_weight_decay_only_on_kernels():
     params = {"embed": {"embedding": 1}, "ln": {"scale": 1, "bias": 1},
               "mlp": {"wi": {"kernel": 1, "bias": 1}}, "pos_embed": 1}
