@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlm import sharding, weights
+from jaxlm import lora, sampling, sharding, weights
 from jaxlm.checkpoint import CheckpointError, save_params
 from jaxlm.config import Config, ConfigError, MeshConfig
+from jaxlm.data.paths import as_path, copy_tree, native
 from jaxlm.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 from jaxlm.families import registry
 from jaxlm.generate import unrolled_for_decoding
@@ -47,9 +48,11 @@ class LM:
         return self._apply(self.params, *arrays, **kwargs)
 
     def generate(self, text: str | Sequence[str], max_new_tokens: int = 200,
-                 temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, beams: int = 1, length_penalty: float = 1.0) -> str | list[str]:
-        """Continues `text` (or each of a list of texts); returns only the new text.
+                 temperature: float = sampling.TEMPERATURE, top_k: int = sampling.TOP_K,
+                 top_p: float = sampling.TOP_P, seed: int = 0, beams: int = 1,
+                 length_penalty: float = 1.0) -> str | list[str]:
+        """Continues `text` (or each of a list of texts); returns only the new text, sampled
+        as `jaxlm generate` samples (temperature 0 is greedy; top_k 0 and top_p 1 are off).
         Encoder-decoder models instead map each text to its output (a translation, a
         summary), by beam search when `beams` > 1 (score / length**length_penalty)."""
         if self.tokenizer is None:
@@ -59,7 +62,8 @@ class LM:
         model, params = self._for_decoding()
         ids = self.family.generate_ids(
             model, params, self.tokenizer, self.config.model, texts,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=min(top_k, self.config.model.vocab_size), top_p=top_p,
             seed=seed, beams=beams, length_penalty=length_penalty)
         out = [self.tokenizer.decode(i) for i in ids]
         return out[0] if isinstance(text, str) else out
@@ -76,9 +80,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, *,
            dtype: str | None = None) -> Path:
     """Writes a params-only copy of a run (config.yaml, tokenizer/, params/) for inference,
     its parameters in `dtype` (default: the run's model.param_dtype)."""
-    import shutil
-
-    out = Path(out_dir)
+    out = as_path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"'{out}' is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
@@ -86,11 +88,11 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None, *,
     lm = load(run_dir, step, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_config(out, lm.config)
-    src_tok = Path(run_dir) / rundir.TOKENIZER_DIR
+    src_tok = as_path(run_dir) / rundir.TOKENIZER_DIR
     if src_tok.exists():
-        shutil.copytree(src_tok, out / rundir.TOKENIZER_DIR)
+        copy_tree(src_tok, out / rundir.TOKENIZER_DIR)
     save_params(out / weights.EXPORT_PARAMS_DIR, lm.params)
-    return out
+    return native(out)
 
 
 def _mesh_and_rules(cfg: Config, mesh: Mesh | MeshConfig | None) -> tuple[Mesh, Any]:
@@ -106,14 +108,15 @@ def load(path: str | Path, step: int | None = None, *, dtype: str | None = None,
          mesh: Mesh | MeshConfig | None = None) -> LM:
     """Loads a jaxlm run directory (newest checkpoint, or `step`), a params-only export
     (`jaxlm export`) or an HF model directory (config.json + safetensors, one file or shards
-    with an index), with its tokenizer.
+    with an index), with its tokenizer. A LoRA run loads with its adapters merged into the
+    base weights (a plain model; `lm.config.lora.rank` is 0).
 
     `dtype` ('float32' | 'bfloat16'): the parameters' and the computation's dtype (default:
     the run's; float32 for an HF directory). `mesh` (a jax Mesh, or a MeshConfig over all
     devices): the parameters are placed straight into their shardings on it by the
     logical-axis rules (default: one device). HF safetensors are read one tensor at a time,
     converted to `dtype` on the way, never the whole model in float32 on the host."""
-    path = Path(path)
+    path = as_path(path)
     kind = weights.kind_of(path)
     if kind == "hf":
         cfg = Config(model=weights.model_config_of(path), name=path.name)
@@ -128,6 +131,7 @@ def load(path: str | Path, step: int | None = None, *, dtype: str | None = None,
     sharding.check_model_fits_mesh(cfg.model, the_mesh)
     target = weights.target_params(cfg.model, the_mesh, rules)
     params = weights.read_params(path, cfg.model, target, step)
+    cfg = lora.merged_config(cfg)  # a LoRA run's adapters are in its kernels now
     tok_dir = weights.tokenizer_dir(path)
     # A run converted from an HF directory without tokenizer files has none: ids only.
     return LM(cfg, params, load_tokenizer(tok_dir) if tok_dir is not None else None)

@@ -12,12 +12,21 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxlm.data.paths import as_path, is_remote
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the CLI prints it and exits with code 2."""
+
+
+def _dir(directory: str | Path) -> epath.Path:
+    """A checkpoint folder for orbax: absolute if local; `gs://...` as it is."""
+    path = as_path(directory)
+    return path if is_remote(path) else path.absolute()
 
 
 def _shape_mismatch(target: Any, saved: Any) -> str | None:
@@ -41,7 +50,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep: int = 3, keep_period: int = 0,
                  async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = _dir(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None,
                                                create=True, enable_async_checkpointing=async_save)
         handlers = {"state": ocp.StandardCheckpointHandler(),
@@ -133,7 +142,7 @@ def restore_state_params(directory: str | Path, abstract_params: Any,
     """The parameters alone of a run's checkpoint (the newest readable one, or `step`),
     restored onto the shardings and dtypes of `abstract_params`; the optimizer state is not
     read. None when there is no checkpoint."""
-    directory = Path(directory).absolute()
+    directory = _dir(directory)
     if not directory.is_dir():
         return None
     manager = ocp.CheckpointManager(
@@ -167,14 +176,14 @@ def restore_state_params(directory: str | Path, abstract_params: Any,
 def save_params(directory: str | Path, params: Any) -> None:
     """A params-only checkpoint (for inference): `jaxlm export`."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(directory).absolute(), params)
+        ckptr.save(_dir(directory), params)
 
 
 def restore_params(directory: str | Path, abstract_params: Any) -> Any:
     problem = None
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            meta = ckptr.metadata(Path(directory).absolute())
+            meta = ckptr.metadata(_dir(directory))
             saved = getattr(meta, "item_metadata", meta)
             problem = _shape_mismatch(abstract_params, saved.tree if hasattr(saved, "tree")
                                       else saved)
@@ -183,7 +192,7 @@ def restore_params(directory: str | Path, abstract_params: Any) -> Any:
         if problem:
             raise CheckpointError(f"{directory} holds another model: {problem}")
         try:
-            return ckptr.restore(Path(directory).absolute(), abstract_params)
+            return ckptr.restore(_dir(directory), abstract_params)
         except Exception as e:  # tensorstore/orbax errors on damaged files
             raise CheckpointError(f"cannot read parameters from {directory}: "
                                   f"{str(e).splitlines()[0][:200]}") from None

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 EXAMPLES = {
     "train": "jaxlm train train.steps=200 model.num_layers=2 run.dir=runs/quick",
     "generate": 'jaxlm generate --run runs/tiny --prompt "ROMEO:" --max-new-tokens 200',
+    "chat": "jaxlm chat --run runs/sft-tiny",
     "eval": "jaxlm eval --run runs/mt --task translate --beams 4",
     "prepare": "jaxlm prepare --files corpus/ data.tokenizer=path/to/tokenizer",
     "plot": "jaxlm plot runs/tiny runs/longer --out compare.png",
@@ -60,8 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_lib.dump(cfg), end="")
         return 0
-    from jaxlm import distributed
+    from jaxlm import distributed, xla_flags
 
+    xla_flags.apply_cpu_matmul_threads(cfg.run.cpu_threaded_matmul)
     # Before anything touches a JAX backend: join the other processes, if there are any.
     distributed.initialize(distributed.detect(args.coordinator, args.num_processes,
                                               args.process_id), args.init_timeout)
@@ -88,21 +90,27 @@ PAIR_TASKS = {"xsum": "summarize", "disfl-qa": "qa"}
 def sample_prompt(cfg) -> str | None:
     """The prompt a text model's sample continues; None for runs judged by a task score
     (pair data) and for families that do not continue a prompt."""
-    from jaxlm.data.setup import uses_pairs
+    from jaxlm.data.setup import uses_chat, uses_pairs
     from jaxlm.families import registry
 
-    if uses_pairs(cfg) or not registry.of(cfg.model).continues_prompt:
+    if (uses_pairs(cfg) or uses_chat(cfg) or cfg.data.format == "preference"
+            or not registry.of(cfg.model).continues_prompt):
         return None
     return SAMPLE_PROMPTS.get(cfg.data.name, "The") if not cfg.data.files else "The"
 
 
 def next_command(cfg, run_dir) -> str:
     """The command that shows what a run learned: a task score or a sample."""
-    from jaxlm.data.setup import uses_pairs
+    from jaxlm.data.setup import uses_chat, uses_pairs
 
     prompt = sample_prompt(cfg)
     if prompt is not None:
         return f'jaxlm generate --run {run_dir} --prompt "{prompt}"'
+    if uses_chat(cfg):
+        return f"jaxlm eval --run {run_dir} --task chat   (or: jaxlm chat --run {run_dir})"
+    if cfg.data.format == "preference":  # DPO: its eval rows hold the held-out pair metrics
+        return (f"jaxlm chat --run {run_dir}   (text prompts: jaxlm generate --run {run_dir} "
+                "--prompt TEXT)")
     if uses_pairs(cfg):
         task = PAIR_TASKS.get(cfg.data.name, "translate")
         return f"jaxlm eval --run {run_dir} --task {task}"
@@ -127,6 +135,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(prefix + text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Reads user turns from stdin, one a line, and streams each reply to stdout."""
+    import jaxlm
+    from jaxlm import compile_cache
+    from jaxlm.dialogue import session
+
+    compile_cache.enable()
+    lm = jaxlm.load(args.run)
+    tty = sys.stdin.isatty()
+    if tty:
+        print("jaxlm chat: one line per turn; /reset clears the conversation, Ctrl-D ends",
+              file=sys.stderr)
+
+    def lines():
+        while True:
+            if tty:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    def write(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    top_k = min(args.top_k, lm.config.model.vocab_size)
+    session(lm, lines(), write, system=args.system,
+            note=lambda s: print(s, file=sys.stderr, flush=True),
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
+            top_p=args.top_p, seed=args.seed)
     return 0
 
 
@@ -160,6 +201,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     name, overrides = args.name, list(args.overrides)
     if name is not None and "=" in name:  # `prepare key=value ...`: no corpus name
         name, overrides = None, [name, *overrides]
+    from jaxlm.data import chat_preferences, chat_tasks
+
+    synthetic = {m.NAME: m for m in (chat_tasks, chat_preferences)}
+    if name in synthetic:  # synthetic: made here, nothing to download or tokenize
+        seed, made = args.seed or 0, synthetic[name]
+        files = made.write(args.out or made.default_dir(seed), seed)
+        for split, path in zip(("train", "heldout"), files, strict=True):
+            print(f"{split:7s} {path} ({path.stat().st_size:,} bytes)")
+        return 0
+    if args.out is not None or args.seed is not None:
+        raise config_lib.ConfigError(f"--out and --seed apply to {' and '.join(synthetic)} "
+                                     "(synthetic data), not to downloaded corpora")
     if name is None and not args.files and not any(o.startswith("data.hf_path=")
                                                    for o in overrides):
         raise config_lib.ConfigError("the following arguments are required: name (a corpus "
@@ -185,6 +238,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.direction == "hf2jaxlm":
         out = run.hf_to_run(args.hf, args.out, args.overrides)
+    elif args.adapters_only:
+        from jaxlm.convert.peft import save_adapters
+
+        out = save_adapters(args.run, args.out)
     else:
         out = run.run_to_hf(args.run, args.out, dtype=args.dtype,
                             max_shard_bytes=args.max_shard_size)
@@ -200,6 +257,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CheckpointError(f"'{args.out}' exists and is not a directory; choose a new one")
+    if args.adapters_only:
+        from jaxlm.convert.peft import save_adapters
+
+        out = save_adapters(args.run, args.out, args.step)
+        print(f"wrote {out} (LoRA adapters in HF PEFT's layout)")
+        return 0
     out = export(args.run, args.out, args.step, dtype=args.dtype)
     print(f"wrote {out} (params only; jaxlm.load reads it)")
     return 0
@@ -231,6 +294,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from jaxlm.bench import bench
 
     cfg = _load_config(args.config, args.overrides)
+    from jaxlm import xla_flags
+
+    xla_flags.apply_cpu_matmul_threads(cfg.run.cpu_threaded_matmul)
     result = bench(cfg, steps=args.steps, warmup=args.warmup)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0
@@ -407,14 +473,34 @@ def _generate_args(g: argparse.ArgumentParser) -> None:
                    help="beam search ranks by score / length**this (0 = raw log-prob)")
 
 
+def _chat_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--run", required=True,
+                   help="run directory, export or HF model directory (a decoder)")
+    c.add_argument("--system", default="", help="system prompt that opens the conversation")
+    c.add_argument("--max-new-tokens", type=POSITIVE, default=128,
+                   help="longest reply in tokens")
+    c.add_argument("--temperature", type=_float_arg(0), default=sampling.TEMPERATURE,
+                   help="0 = greedy")
+    c.add_argument("--top-k", type=NON_NEGATIVE, default=sampling.TOP_K,
+                   help="keep the k likeliest tokens (0 = all)")
+    c.add_argument("--top-p", type=_float_arg(0, 1, lo_open=True), default=sampling.TOP_P,
+                   help="nucleus sampling mass (1 = all)")
+    c.add_argument("--seed", type=SEED, default=0, help="sampling seed")
+    c.description += (". Reads one user turn per line from stdin and streams each reply to "
+                      "stdout through the model's chat template (the default ChatML-like one "
+                      "if its tokenizer has none); /reset starts a new conversation; EOF ends.")
+
+
 def _eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--max-batches", type=NON_NEGATIVE, default=0,
                    help="0 = the whole validation split")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.add_argument("--task", choices=("lm", "translate", "summarize", "qa"), default="lm",
+    e.add_argument("--task", choices=("lm", "translate", "summarize", "qa", "chat"),
+                   default="lm",
                    help="lm: loss/perplexity/bits per byte; translate: BLEU+chrF (with the "
-                        "copy-the-source baseline); summarize: ROUGE; qa: SQuAD EM/F1")
+                        "copy-the-source baseline); summarize: ROUGE; qa: SQuAD EM/F1; chat: "
+                        "exact match of greedy replies on held-out conversations")
     e.add_argument("--split", choices=("test", "valid"), default="test",
                    help="held-out pairs of a prepared corpus (test falls back to valid)")
     e.add_argument("--max-examples", type=NON_NEGATIVE, default=0,
@@ -423,8 +509,8 @@ def _eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--length-penalty", type=_float_arg(), default=1.0,
                    help="beam search ranks by score / length**this")
     e.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=0,
-                   help="longest output of generation tasks (0 = 32 for qa, else the "
-                        "training target length)")
+                   help="longest output of generation tasks (0 = 32 for qa and chat, else "
+                        "the training target length)")
 
 
 def _prepare_args(r: argparse.ArgumentParser) -> None:
@@ -436,6 +522,13 @@ def _prepare_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--config", default=None,
                    help="config name or YAML path whose data settings to use (tokenizer...)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help="chat-tasks / chat-preferences only: write train.jsonl and "
+                        "heldout.jsonl to DIR (default: $JAXLM_CACHE/synthetic/NAME-seedS, "
+                        "where data.name=NAME reads seed 0)")
+    r.add_argument("--seed", type=SEED, default=None,
+                   help="chat-tasks / chat-preferences only: the seed the synthetic "
+                        "conversations are drawn from (default 0)")
     r.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. data.tokenizer=path/to/tokenizer")
 
@@ -461,6 +554,12 @@ def _convert_args(c: argparse.ArgumentParser) -> None:
     j.add_argument("--max-shard-size", type=_size_arg, default="5GB",
                    help="largest safetensors file; a larger model is written in shards "
                         "with model.safetensors.index.json (e.g. 5GB, 500MB)")
+    j.add_argument("--adapters-only", action="store_true", help=ADAPTERS_ONLY_HELP)
+
+
+ADAPTERS_ONLY_HELP = ("a LoRA run: write its adapters alone in HF PEFT's layout "
+                      "(adapter_config.json + adapter_model.safetensors) instead of the base "
+                      "weights with the adapters merged in")
 
 
 def _export_args(ex: argparse.ArgumentParser) -> None:
@@ -470,6 +569,7 @@ def _export_args(ex: argparse.ArgumentParser) -> None:
                     help="checkpoint step (default: newest)")
     ex.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="dtype of the exported parameters (default: the run's)")
+    ex.add_argument("--adapters-only", action="store_true", help=ADAPTERS_ONLY_HELP)
 
 
 def _compile_args(co: argparse.ArgumentParser) -> None:
@@ -526,6 +626,8 @@ def _runs_args(ru: argparse.ArgumentParser) -> None:
 COMMANDS: list[tuple[str, Callable, str, Callable[[argparse.ArgumentParser], None]]] = [
     ("train", cmd_train, "train a model (resumes if run.dir holds a run)", _train_args),
     ("generate", cmd_generate, "sample text from a trained run", _generate_args),
+    ("chat", cmd_chat, "chat with a trained decoder through its chat template, replies "
+     "streamed as they are generated", _chat_args),
     ("eval", cmd_eval, "evaluate a run on its held-out data", _eval_args),
     ("prepare", cmd_prepare, "download, verify and cache a corpus, and tokenize a corpus "
      "(or --files, or an HF dataset) into its token store ahead of training", _prepare_args),

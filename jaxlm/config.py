@@ -44,6 +44,11 @@ class ModelConfig:
     max_seq_len: int = _f(1024, "longest sequence the position encoding supports")
     attention: str = _f("auto", "attention kernel: reference | xla | cudnn (NVIDIA) | splash "
                         "| flash (TPU Pallas) | chunked (O(n) memory) | auto (best for backend)")
+    context_attention: str = _f("ring", "attention across mesh.context shards: ring (key/value "
+                                "blocks passed from shard to shard, merged by an online "
+                                "softmax: O(length / context) memory) | allgather (each shard "
+                                "gathers all keys and values, then model.attention runs on its "
+                                "queries)")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16")
     param_dtype: str = _f("float32", "parameter and optimizer-state dtype")
     norm: str = _f("layernorm", "layernorm | rmsnorm | rmsnorm_plus1 (scaled by 1 + w, w "
@@ -130,7 +135,9 @@ class DataConfig:
     name: str = _f("shakespeare", "prepared corpus name (jaxlm prepare NAME); ignored if files set")
     format: str = _f("", "text (documents) | pairs (source/target JSON lines, encoder-decoder)"
                      " | prompt_answer (source/target JSON lines as prompt -> answer rows, "
-                     "decoder); empty = the prepared corpus's kind, text for data.files")
+                     "decoder) | preference (prompt/chosen/rejected JSON lines, train.objective="
+                     "dpo) | chat (JSON lines of messages, decoder: the loss on assistant "
+                     "turns); empty = the prepared corpus's kind, text for data.files")
     files: list[str] = _f([], "text/jsonl training files, globs or folders (local or gs://...);"
                           " overrides name")
     valid_files: list[str] = _f([], "held-out files; empty = last valid_fraction of files")
@@ -182,6 +189,9 @@ class TrainConfig:
     max_rollbacks: int = _f(3, "rollbacks allowed in one run before it stops with an error")
     spike_zscore: float = _f(6.0, "log a loss_spike event when the loss exceeds the running "
                              "mean by this many standard deviations (0 = off)")
+    objective: str = _f("lm", "lm (next-token cross entropy on the data's loss mask) | dpo "
+                        "(direct preference optimisation on prompt/chosen/rejected JSON "
+                        "lines, data.format=preference; settings in dpo.*)")
 
 
 @dataclass
@@ -211,6 +221,12 @@ class MeshConfig:
                        "by dcn_fsdp (1 on one slice)")
     dcn_fsdp: int = _f(1, "multislice: how many ways of mesh.fsdp cross slices (its gathers "
                        "then cross the slow network too)")
+    context: int = _f(1, "context-parallel axis size: splits every sequence (the length axis "
+                      "of activations and batches) over this many devices, attention crossing "
+                      "the shards as model.context_attention says (decoder models)")
+    context_zigzag: bool = _f(True, "with mesh.context > 1: reorder each sequence in 2 × context "
+                              "chunks, shard i holding chunks i and 2·context−1−i, so that every "
+                              "shard does the same share of the causal attention")
 
 
 @dataclass
@@ -230,6 +246,9 @@ class RunConfig:
     compile_cache: bool = _f(True, "keep compiled steps in JAX's persistent compilation cache "
                              "under $JAXLM_CACHE/xla, so a resume or rerun skips compiling "
                              "(JAXLM_COMPILATION_CACHE=off also turns it off)")
+    cpu_threaded_matmul: bool = _f(True, "on CPU, split each matmul across the cores; false "
+                                   "runs each on one thread, faster for small models (XLA's "
+                                   "xla_cpu_multi_thread_eigen; XLA_FLAGS, if it sets it, wins)")
 
 
 @dataclass
@@ -238,6 +257,29 @@ class ProfileConfig:
                          "warm-up)")
     steps: int = _f(0, "steps in the jax.profiler trace written to <run.dir>/profile "
                     "(0 = no trace)")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "train.objective=dpo: strength of the pull towards the reference "
+                     "model (the reward is beta * log(policy / reference) of a response)")
+    label_smoothing: float = _f(0.0, "train.objective=dpo: the chance that a preference label "
+                                "is flipped (conservative DPO); 0 = the sigmoid DPO loss")
+
+
+# lora.targets names -> the projections they adapt (self- and cross-attention alike).
+LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(0, "LoRA: rank r of the low-rank adapters added to lora.targets; only they "
+                   "train, the base weights stay frozen (0 = off: every parameter trains)")
+    alpha: float = _f(16.0, "LoRA: an adapter adds (alpha / rank) * x A B to its projection")
+    dropout: float = _f(0.0, "LoRA: dropout on the adapters' input while training")
+    targets: list[str] = _f(["query", "value"], "LoRA: projections that get adapters: query, "
+                            "key, value, out (attention), mlp_in (wi, or wi_gate and wi_up), "
+                            "mlp_out (wo)")
 
 
 @dataclass
@@ -254,6 +296,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "run directory"})
     profile: ProfileConfig = field(default_factory=ProfileConfig,
                                    metadata={"help": "profiler trace"})
+    dpo: DPOConfig = field(default_factory=DPOConfig,
+                           metadata={"help": "direct preference optimisation"})
+    lora: LoraConfig = field(default_factory=LoraConfig,
+                             metadata={"help": "low-rank adapters (LoRA)"})
     name: str = _f("", "config name (set from the YAML file)")
 
 
@@ -504,8 +550,13 @@ def resolve_data_format(cfg: Config) -> Config:
 
     if cfg.data.format or not schema.is_family(cfg.model.family):
         return cfg
+    if cfg.train.objective == "dpo":  # preference pairs are the only data DPO reads
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format="preference"))
+    from jaxlm.data.chat_tasks import NAME as CHAT_TASKS
     from jaxlm.data.prepare import CORPORA
 
+    if cfg.data.name == CHAT_TASKS and not cfg.data.files:  # synthetic conversations
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format="chat"))
     corpus = CORPORA.get(cfg.data.name)
     fmt = "text"
     if not cfg.data.files and corpus is not None and corpus.suffix == ".jsonl":
@@ -526,6 +577,7 @@ def dump(cfg: Config) -> str:
 _CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
     "model.attention": ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto"),
+    "model.context_attention": ("ring", "allgather"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.norm": ("layernorm", "rmsnorm", "rmsnorm_plus1"),
@@ -535,7 +587,8 @@ _CHOICES = {
     "model.position": ("learned", "rope", "sinusoidal", "none"),
     "model.sinusoidal_layout": ("interleaved", "split"),
     "model.remat": ("none", "full", "dots_saveable", "offload"),
-    "data.format": ("", "text", "pairs", "prompt_answer"),
+    "data.format": ("", "text", "pairs", "prompt_answer", "preference", "chat"),
+    "train.objective": ("lm", "dpo"),
 }
 
 
@@ -603,7 +656,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.time_budget must be a number of seconds >= 0 (0 = off), "
                           f"got {t.time_budget}")
     _check_family_data(cfg)
+    _check_objective(cfg)
+    _check_lora(cfg)
     _check_loss_chunk(cfg)
+    _check_context(cfg)
     _check_data_sources(cfg.data)
 
 
@@ -679,6 +735,55 @@ def _check_experts(m: ModelConfig) -> None:
                           "with model.num_experts")
 
 
+def _check_objective(cfg: Config) -> None:
+    """train.objective=dpo and data.format=preference go together, on unpacked JSON lines."""
+    dpo, d = cfg.train.objective == "dpo", cfg.data
+    if dpo != (d.format == "preference"):
+        raise ConfigError(f"train.objective={cfg.train.objective} with data.format={d.format}: "
+                          "preference data (prompt/chosen/rejected JSON lines) is what "
+                          "train.objective=dpo trains on, and only that; set both or neither")
+    if not cfg.dpo.beta > 0:
+        raise ConfigError(f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    if not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got "
+                          f"{cfg.dpo.label_smoothing}")
+    if not dpo:
+        return
+    for key, why in (("data.pack", "pairs are padded rows, never packed"),
+                     ("data.streaming", "it reads data.files"),
+                     ("data.hf_path", "it reads data.files"),
+                     ("train.loss_chunk", "it takes whole logits")):
+        if _get(cfg, key):
+            raise ConfigError(f"{key} does not apply with train.objective=dpo ({why}); "
+                              "remove it")
+    from jaxlm.data.chat_preferences import NAME as CHAT_PREFERENCES
+
+    if not d.files and d.name != CHAT_PREFERENCES:
+        raise ConfigError("train.objective=dpo trains on preference JSON lines: set "
+                          "data.files (and data.valid_files for held-out pairs), or "
+                          f"data.name={CHAT_PREFERENCES} (synthetic pairs)")
+
+
+def _check_lora(cfg: Config) -> None:
+    """LoRA's rank, scale, dropout and targets; the MoE experts take no adapters."""
+    lo = cfg.lora
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0 = off), got {lo.rank}")
+    if not lo.alpha > 0:
+        raise ConfigError(f"lora.alpha must be positive, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    bad = [t for t in lo.targets if t not in LORA_TARGETS]
+    if bad or len(set(lo.targets)) != len(lo.targets) or (lo.rank and not lo.targets):
+        raise ConfigError(f"lora.targets={lo.targets}: choose distinct names among "
+                          f"{', '.join(LORA_TARGETS)}")
+    mlp = [t for t in lo.targets if t.startswith("mlp_")]
+    if lo.rank and cfg.model.num_experts and mlp:
+        raise ConfigError(f"lora.targets {', '.join(mlp)}: the expert MLPs of a mixture of "
+                          "experts (model.num_experts) take no adapters; target the attention "
+                          "projections (query, key, value, out)")
+
+
 def _check_loss_chunk(cfg: Config) -> None:
     from jaxlm.families import schema
 
@@ -689,6 +794,25 @@ def _check_loss_chunk(cfg: Config) -> None:
     if chunk and not schema.chunks_loss(cfg.model.family):
         raise ConfigError(f"train.loss_chunk applies to decoder-only models, not the "
                           f"{cfg.model.family} family; remove it")
+
+
+def _check_context(cfg: Config) -> None:
+    """mesh.context: a positive size, for a family that splits sequences, dividing them."""
+    from jaxlm.families import schema
+
+    n, T = cfg.mesh.context, cfg.train.seq_len
+    if n < 1:
+        raise ConfigError(f"mesh.context must be a positive size (1 = off), got {n}")
+    if n == 1:
+        return
+    if not schema.splits_sequences(cfg.model.family):
+        raise ConfigError(f"mesh.context={n} splits the sequences of decoder-only models; "
+                          f"the {cfg.model.family} family trains with mesh.context=1")
+    chunks = 2 * n if cfg.mesh.context_zigzag else n
+    if T % chunks:
+        why = f"2 per shard of mesh.context={n}" if cfg.mesh.context_zigzag else "one per shard"
+        raise ConfigError(f"train.seq_len={T} does not split into {chunks} equal chunks ({why})"
+                          f"; choose a multiple of {chunks}")
 
 
 def _check_family_data(cfg: Config) -> None:
@@ -703,7 +827,8 @@ def _check_family_data(cfg: Config) -> None:
 # Keys a resumed run may change; anything else would make the checkpoint another model or run.
 RESUMABLE_PREFIXES = ("train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
                       "checkpoint.", "run.", "mesh.", "data.files", "data.valid_files",
-                      "data.store_dir", "data.workers", "profile.", "train.prefetch")
+                      "data.store_dir", "data.workers", "profile.", "train.prefetch",
+                      "model.context_attention")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

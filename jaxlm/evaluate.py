@@ -14,8 +14,9 @@ import jax
 from jax.sharding import Mesh
 
 from jaxlm import sharding
-from jaxlm.config import MeshConfig
+from jaxlm.config import ConfigError, MeshConfig
 from jaxlm.data import setup as data_setup
+from jaxlm.data.paths import as_path
 from jaxlm.progress import bar
 from jaxlm.setup import build
 from jaxlm.train import rundir
@@ -34,10 +35,15 @@ def heldout_metrics(eval_step: Callable, params: Any, data: data_setup.TrainData
             sums[k] = sums.get(k, 0.0) + float(v)
     n = max(sums.get("num_tokens", 0.0), 1.0)
     loss = sums.get("nll_sum", float("nan")) / n
-    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-              "eval_bits_per_byte": loss / math.log(2) / data.bytes_per_token}
+    result = {"eval_loss": loss}
+    if data.bytes_per_token > 0:  # the loss is a text likelihood (not DPO's)
+        result.update(eval_ppl=math.exp(min(loss, 50.0)),
+                      eval_bits_per_byte=loss / math.log(2) / data.bytes_per_token)
     if "num_correct" in sums:
         result["eval_accuracy"] = sums["num_correct"] / n
+    # Each other `X_sum` as its mean (objectives.LossFn): DPO's rewards, margin, accuracy.
+    result.update({f"eval_{k[:-4]}": v / n for k, v in sums.items()
+                   if k.endswith("_sum") and k != "nll_sum"})
     return result
 
 
@@ -47,9 +53,13 @@ def evaluate_run(run_dir: str | Path, max_batches: int = 0,
     appends the result to metrics.jsonl and writes eval.json."""
     from jaxlm.api import load
 
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     lm = load(run_dir)
     cfg = lm.config
+    if cfg.train.objective == "dpo":
+        raise ConfigError(f"{run_dir} is a DPO run: its held-out pair metrics "
+                          "(eval_dpo_accuracy, eval_dpo_reward_margin, ...) are the eval rows "
+                          "of its metrics.jsonl; jaxlm eval --run scores language-model runs")
     data = data_setup.build(cfg, run_dir, progress=False)
     n = data.valid.batches_per_epoch
     n = min(n, max_batches) if max_batches else n

@@ -53,16 +53,22 @@ def causal_lm_loss(apply_fn: Callable, params: Any, batch: LMBatch, *,
                    rng: jax.Array | None = None, deterministic: bool = True,
                    label_smoothing: float = 0.0, z_loss: float = 0.0,
                    extra_loss: ExtraLoss | None = None, chunk: int = 0,
-                   logit_softcap: float = 0.0):
+                   logit_softcap: float = 0.0, zigzag: int = 0):
     """Next-token loss on an LMBatch, plus `extra_loss` of what the model sows into its
     "intermediates" collection (the MoE router losses), each reported as `{name}_sum`.
 
     With `chunk` > 0 the model returns its final hidden states and output projection, and
     the cross entropy takes `chunk` positions at a time (jaxlm.chunked_ce: the [B, T, V]
-    logits never exist whole), soft-capping the logits at `logit_softcap` as the model does."""
+    logits never exist whole), soft-capping the logits at `logit_softcap` as the model does.
+    `zigzag` > 1: the batch goes to the model in the zig-zag order of that many context
+    shards (jaxlm.models.context; the loss is a sum over tokens, so their order is free)."""
+    if zigzag > 1:
+        from jaxlm.models import context
+
+        batch = context.zigzag_batch(batch, zigzag)
     kw = dict(positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
               deterministic=deterministic, rngs=None if rng is None else {"dropout": rng},
-              **({"hidden": True} if chunk else {}))
+              **({"hidden": True} if chunk else {}), **({"zigzag": zigzag} if zigzag > 1 else {}))
     if extra_loss is None:
         out = apply_fn({"params": params}, batch.inputs, **kw)
     else:

@@ -15,13 +15,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxlm import sharding
+from jaxlm import lora, sharding
 from jaxlm.config import Config, ConfigError
 from jaxlm.data.batch import Batch
 from jaxlm.families import registry
 from jaxlm.families.spec import FamilySpec
 from jaxlm.optim import lr_schedule, make_optimizer
-from jaxlm.train.state import TrainState, init_state, state_shardings
+from jaxlm.train.state import (
+    TrainState,
+    TrainStateWithReference,
+    init_state,
+    state_shardings,
+)
 from jaxlm.train.step import (
     TrainStep,
     jit_eval_step,
@@ -29,6 +34,7 @@ from jaxlm.train.step import (
     make_eval_step,
     make_train_step,
 )
+from jaxlm.train.trainable import EVERYTHING, Trainable
 
 
 @dataclass
@@ -46,15 +52,32 @@ class StepSetup:
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState
     train_step: TrainStep  # (state, batch) -> (state, metrics), jitted; donates the state
-    eval_step: Callable  # jitted: (params, batch, index) -> sums
+    eval_step: Callable  # jitted: (eval_inputs(state), batch, index) -> sums
+    # DPO: state -> the reference model's parameters (jaxlm.dpo); None for other objectives.
+    reference: Callable[[TrainState], Any] | None = None
+    # The parameters the step trains and the optimizer holds (LoRA: the adapters alone).
+    trainable: Trainable = EVERYTHING
 
     def init_state(self) -> TrainState:
         """Fresh parameters and optimizer state, initialised in their shardings."""
         with jax.set_mesh(self.mesh):
-            return init_state(self.model, self.tx, self.mesh, self.cfg.seed, self.rules)
+            return init_state(self.model, self.tx, self.mesh, self.cfg.seed, self.rules,
+                              reference_copy=isinstance(self.state_shardings,
+                                                        TrainStateWithReference),
+                              trainable=self.trainable)
+
+    def eval_inputs(self, state: TrainState) -> Any:
+        """What eval_step takes first: the parameters, or (DPO) the state without its
+        optimizer state, from which the step reads the reference."""
+        return state.params if self.reference is None else state.replace(opt_state=None)
 
     def synthetic_batch(self, rng: np.random.Generator) -> Batch:
-        """A global host batch of random tokens in the family's layout."""
+        """A global host batch of random tokens in the family's layout (DPO: pairs)."""
+        if self.reference is not None:
+            from jaxlm import dpo
+
+            return dpo.synthetic_batch(self.family.synthetic_batch(self.cfg, rng),
+                                       self.family.synthetic_batch(self.cfg, rng))
         return self.family.synthetic_batch(self.cfg, rng)
 
     def abstract_batch(self) -> Batch:
@@ -70,8 +93,13 @@ class StepSetup:
             return self.train_step.lower(self.abstract_state, self.abstract_batch())
 
     def flops_per_token(self, params: Any = None, *, causal_halved: bool = True) -> float:
-        return self.family.flops_per_token(self.cfg, params or self.abstract_state.params,
-                                           causal_halved=causal_halved)
+        flops = self.family.flops_per_token(self.cfg, params or self.abstract_state.params,
+                                            causal_halved=causal_halved)
+        if self.reference is not None:  # per position of a pair: both sequences, reference
+            from jaxlm import dpo
+
+            flops *= dpo.FLOPS_FACTOR
+        return flops
 
     def with_steps(self, steps: int) -> StepSetup:
         """The same wiring for a run of `steps` optimizer steps: the schedule and optimizer
@@ -104,21 +132,37 @@ def build(cfg: Config, *, devices: Sequence[Any] | None = None,
     mesh = sharding.make_mesh(cfg.mesh, None if devices is None else list(devices))
     check_fits(cfg, mesh)
     rules = sharding.logical_rules(cfg.mesh)
-    model = family.build_model(cfg.model)
+    model = family.build_model(lora.adapted(cfg.model, cfg.lora))
+    trainable = lora.trainable(cfg.lora)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    loss_fn = family.loss_fn(cfg, mask_id=mask_id)
+    loss_fn, reference = family.loss_fn(cfg, mask_id=mask_id), None
+    if cfg.train.objective == "dpo":
+        from jaxlm import dpo
+
+        loss_fn, reference = dpo.loss_fn(cfg), dpo.reference_fn(cfg)
     with jax.set_mesh(mesh):
-        abstract_state, shardings = state_shardings(model, tx, mesh, rules)
+        abstract_state, shardings = state_shardings(
+            model, tx, mesh, rules,
+            reference_copy=reference is not None and dpo.keeps_reference_copy(cfg),
+            trainable=trainable)
 
     def step_for(total_steps):  # traced: the optimizer's state does not depend on it
-        return make_train_step(model, make_optimizer(cfg.optim, total_steps),
+        step = make_train_step(model, make_optimizer(cfg.optim, total_steps),
                                lr_schedule(cfg.optim, total_steps), loss_fn=loss_fn,
-                               grad_accum_steps=cfg.optim.grad_accum_steps)
+                               grad_accum_steps=cfg.optim.grad_accum_steps,
+                               trainable=trainable)
+        return step if reference is None else dpo.train_step_with_reference(
+            step, model.apply, reference)
 
     jitted = jit_scheduled_train_step(step_for, shardings, mesh, rules)
+    eval_step, eval_shardings = make_eval_step(model, loss_fn), shardings.params
+    if reference is not None:
+        eval_step = dpo.eval_step_with_reference(eval_step, model.apply, reference)
+        eval_shardings = shardings.replace(opt_state=None)
     return StepSetup(
         cfg=cfg, family=family, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
         loss_fn=loss_fn, abstract_state=abstract_state, state_shardings=shardings,
         train_step=TrainStep(jitted, cfg.train.steps),
-        eval_step=jit_eval_step(make_eval_step(model, loss_fn), shardings.params, mesh, rules))
+        eval_step=jit_eval_step(eval_step, eval_shardings, mesh, rules), reference=reference,
+        trainable=trainable)

@@ -1,9 +1,9 @@
 """Device mesh from config, the logical-axis rules, and shardings for state and batches.
 
 Model code names logical axes only; LOGICAL_RULES is the one table that maps them to the
-mesh axes `data`, `fsdp`, `expert` and `tensor`. A config extends or overrides it with `mesh.rules`
-(`["embed=tensor", "mlp=fsdp+tensor", "vocab="]`), and kernels that shard by hand ask the
-active table (`mesh_axes_for`) instead of naming mesh axes.
+mesh axes `data`, `fsdp`, `expert`, `context` and `tensor`. A config extends or overrides it
+with `mesh.rules` (`["embed=tensor", "mlp=fsdp+tensor", "vocab="]`), and kernels that shard by
+hand ask the active table (`mesh_axes_for`) instead of naming mesh axes.
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxlm import multislice
 from jaxlm.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 # The expert axis splits the MoE experts, and (as in MaxText) the batch everywhere else: without
 # experts, or outside the MoE layers, it is one more data-parallel axis.
 BATCH_AXES = ("data", "fsdp", "expert")
+# Context parallelism splits every sequence: the token axis of activations and of batches.
+LENGTH_AXES = ("context",)
 
 # (logical axis, mesh axes). Weights: embed over fsdp (FSDP), heads/mlp/vocab over tensor
 # (column-then-row split), MoE experts over expert. Activations: batch over data×fsdp×expert,
-# the tensor-split dims over tensor.
+# length over context, the tensor-split dims over tensor.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
-    ("length", None),
+    ("length", LENGTH_AXES),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
@@ -42,6 +44,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("expert", "expert"),
+    # LoRA adapters: in/out axes as their kernel's, the small rank axis whole.
+    ("lora_rank", None),
 )
 
 
@@ -71,9 +75,9 @@ def mesh_axes_for(logical: str) -> tuple[str, ...]:
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
-    """Resolves -1 entries so that data × fsdp × expert × tensor == num_devices (in
+    """Resolves -1 entries so that data × fsdp × expert × context × tensor == num_devices (in
     MESH_AXES order)."""
-    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
+    sizes = [getattr(cfg, axis) for axis in MESH_AXES]
     fill = [i for i, s in enumerate(sizes) if s == -1]
     fixed = math.prod(s for s in sizes if s != -1)
     if len(fill) > 1:
@@ -85,22 +89,23 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
         if num_devices % fixed:
             raise ConfigError(
                 f"mesh: fixed axes multiply to {fixed}, which does not divide the "
-                f"{num_devices} devices; adjust mesh.data/mesh.fsdp/mesh.expert/mesh.tensor"
+                f"{num_devices} devices; adjust mesh.data/mesh.fsdp/mesh.expert/mesh.context/"
+                "mesh.tensor"
             )
         sizes[fill[0]] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         raise ConfigError(
-            f"mesh data×fsdp×expert×tensor = {'×'.join(map(str, sizes))} = {math.prod(sizes)} "
+            f"mesh {'×'.join(MESH_AXES)} = {'×'.join(map(str, sizes))} = {math.prod(sizes)} "
             f"but there are {num_devices} devices; set one axis to -1 to fill"
         )
     return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """The data × fsdp × expert × tensor mesh over all devices (JAX picks a topology-aware
-    order), or over `devices` in the order given (a subset, or a TPU topology described for
-    AOT). Axes split across slices (`mesh.dcn_data`, `mesh.dcn_fsdp`) put each slice in one
-    block."""
+    """The data × fsdp × expert × context × tensor mesh over all devices (JAX picks a
+    topology-aware order), or over `devices` in the order given (a subset, or a TPU topology
+    described for AOT). Axes split across slices (`mesh.dcn_data`, `mesh.dcn_fsdp`) put each
+    slice in one block."""
     every = list(jax.devices() if devices is None else devices)
     grid = multislice.device_grid(cfg, MESH_AXES, mesh_shape(cfg, len(every)), every)
     if grid is not None:
@@ -119,7 +124,9 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: Any = LOGICAL_RUL
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    """Rows over the batch axes; the token axis (the second) over the context axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *((LENGTH_AXES,) if ndim > 1 else ()),
+                                             *([None] * (ndim - 2))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -132,10 +139,22 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
     """Each process passes its own rows (a batch pytree of numpy arrays); returns the same
-    tree of global arrays sharded over the batch axes (data, fsdp, expert)."""
+    tree of global arrays sharded over the batch axes (data, fsdp, expert), their tokens over
+    the context axis. Every process holds whole sequences, also where the context axis spans
+    processes: each device takes its slice of them."""
+    rows = _global_rows(mesh)
     return jax.tree.map(
-        lambda v: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v),
-        batch)
+        lambda v: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, v.ndim), v, (v.shape[0] * rows, *v.shape[1:])), batch)
+
+
+def _global_rows(mesh: Mesh) -> int:
+    """Global rows per row of this process: the batch shards of the mesh over those its
+    devices hold."""
+    axes = [mesh.axis_names.index(a) for a in BATCH_AXES]
+    mine = {tuple(np.take(i, axes)) for i in np.ndindex(mesh.devices.shape)
+            if mesh.devices[i].process_index == jax.process_index()}
+    return data_parallel_size(mesh) // len(mine)
 
 
 def check_model_fits_mesh(model_cfg, mesh: Mesh) -> None:

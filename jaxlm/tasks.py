@@ -4,6 +4,8 @@
              the copy-the-source baseline (the source itself scored as the translation)
   summarize  generate on held-out pairs: ROUGE-1/2/L/Lsum (rouge-score)
   qa         generate answers to held-out (question, answer) pairs: SQuAD exact match and F1
+  chat       greedy replies (through the chat template) to held-out conversations without
+             their last assistant turn: exact match with that turn (data.format=chat runs)
   lm         held-out loss, perplexity and bits per byte (jaxlm.evaluate)
 
 Held-out pairs: the prepared corpus's test split when it has one (else valid), or
@@ -20,11 +22,12 @@ from typing import Any
 from jaxlm import metrics
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import pipeline
+from jaxlm.data.paths import as_path
 from jaxlm.data.pipeline import DataError
 
-TASKS = ("translate", "summarize", "qa", "lm")
+TASKS = ("translate", "summarize", "qa", "chat", "lm")
 # Answers are short spans; other tasks may write up to the training target length.
-DEFAULT_NEW_TOKENS = {"qa": 32}
+DEFAULT_NEW_TOKENS = {"qa": 32, "chat": 32}
 
 
 def heldout_pairs(cfg: Config, split: str = "test") -> list[tuple[str, str]]:
@@ -96,10 +99,12 @@ def evaluate_task(run_dir: str | Path, task: str, *, max_examples: int = 0, beam
 
         return evaluate_run(run_dir, max_batches=max_examples, progress=progress)
     from jaxlm.api import load
-    from jaxlm.train import rundir
 
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     lm = load(run_dir)
+    if task == "chat":
+        return _record(run_dir, task, *_chat_exact_match(
+            lm, max_examples, max_new_tokens or DEFAULT_NEW_TOKENS[task], batch_size))
     pairs = heldout_pairs(lm.config, split)
     if max_examples:
         pairs = pairs[:max_examples]
@@ -107,13 +112,41 @@ def evaluate_task(run_dir: str | Path, task: str, *, max_examples: int = 0, beam
     preds = predict(lm, sources, beams=beams, length_penalty=length_penalty,
                     max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS.get(task, 0),
                     batch_size=batch_size)
-    ckpts = run_dir / rundir.CHECKPOINT_DIR
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-    results = {"step": max(steps, default=0), "task": task, "examples": len(pairs),
-               "beams": beams, **score(task, sources, preds, targets)}
-    rundir.MetricsWriter(run_dir).write({**results, "kind": f"eval_{task}"})
+    results = {"task": task, "examples": len(pairs), "beams": beams,
+               **score(task, sources, preds, targets)}
     samples = [{"source": s, "target": t, "output": p}
                for s, t, p in list(zip(sources, targets, preds, strict=True))[:5]]
+    return _record(run_dir, task, results, samples)
+
+
+def _chat_exact_match(lm: Any, max_examples: int, max_new_tokens: int, batch_size: int
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Exact match on the run's held-out conversations (as training split them)."""
+    from jaxlm.data.setup import chat_splits, uses_chat
+    from jaxlm.dialogue import exact_match
+
+    if not uses_chat(lm.config):
+        raise DataError(f"--task chat evaluates chat runs (data.format=chat); this run's "
+                        f"data.format is {lm.config.data.format}")
+    chats = chat_splits(lm.config)[1]
+    chats = chats[:max_examples] if max_examples else chats
+    results, replies = exact_match(lm, chats, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size)
+    samples = [{"prompt": c[-2]["content"] if len(c) > 1 else "",
+                "target": c[-1]["content"], "output": r}
+               for c, r in list(zip(chats, replies, strict=True))[:5]]
+    return {"task": "chat", **results}, samples
+
+
+def _record(run_dir: Path, task: str, results: dict[str, Any],
+            samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Appends the results to metrics.jsonl and writes eval_TASK.json (with samples)."""
+    from jaxlm.train import rundir
+
+    ckpts = run_dir / rundir.CHECKPOINT_DIR
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+    results = {"step": max(steps, default=0), **results}
+    rundir.MetricsWriter(run_dir).write({**results, "kind": f"eval_{task}"})
     (run_dir / f"eval_{task}.json").write_text(
         json.dumps({**results, "samples": samples}, indent=2, ensure_ascii=False) + "\n")
     return results

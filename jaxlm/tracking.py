@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from jaxlm import config as config_lib
 from jaxlm.config import Config
+from jaxlm.data.paths import as_path, is_remote
 
 SKIP_KEYS = ("step", "time")
 WANDB_ID_FILE = "wandb_id"
@@ -66,8 +67,8 @@ class TensorBoardTracker:
     """Writes event files into `logdir`, opened at the first row. On a resumed run the first
     row's step is TensorBoard's purge step, so curves of the replayed steps are not doubled."""
 
-    def __init__(self, logdir: Path):
-        self.logdir = Path(logdir)
+    def __init__(self, logdir: str | Path):
+        self.logdir = as_path(logdir)  # tensorboardX writes gs:// itself
         self._writer = None
 
     def log(self, row: dict[str, Any]) -> None:
@@ -93,7 +94,7 @@ class WandbTracker:
     rollback are dropped by W&B until the run passes its latest step again."""
 
     def __init__(self, cfg: Config, run_dir: Path, wandb: Any):
-        self.cfg, self.run_dir, self._wandb = cfg, Path(run_dir), wandb
+        self.cfg, self.run_dir, self._wandb = cfg, as_path(run_dir), wandb
         self._run = None
         self._last_step = 0
 
@@ -103,7 +104,9 @@ class WandbTracker:
             id_file.write_text(uuid.uuid4().hex[:16] + "\n")
         return self._wandb.init(project=self.cfg.run.wandb_project, name=self.run_dir.name,
                                 id=id_file.read_text().strip(), resume="allow",
-                                dir=str(self.run_dir), config=config_lib.to_dict(self.cfg))
+                                # W&B keeps its files in a local folder (its default: ./wandb)
+                                dir=None if is_remote(self.run_dir) else str(self.run_dir),
+                                config=config_lib.to_dict(self.cfg))
 
     def log(self, row: dict[str, Any]) -> None:
         if self._run is None:

@@ -8,18 +8,20 @@ onto the target shardings, parameters only (a run's optimizer state is never rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 from jax.sharding import Mesh
 
-from jaxlm import sharding
+from jaxlm import lora, sharding
 from jaxlm.checkpoint import CheckpointError, restore_params, restore_state_params
-from jaxlm.config import ConfigError, ModelConfig, TrainConfig
+from jaxlm.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
+from jaxlm.data.paths import as_path, local_copy
 from jaxlm.families import registry
 from jaxlm.train import rundir
-from jaxlm.train.state import TrainState, param_shardings, state_from_params
+from jaxlm.train.state import TrainState, init_params_part, param_shardings, state_from_params
 
 if TYPE_CHECKING:
     from jaxlm.setup import StepSetup
@@ -30,7 +32,7 @@ HF_CONFIG = "config.json"
 
 def kind_of(path: str | Path) -> str:
     """'run', 'export' (config.yaml + params/) or 'hf' (config.json); ConfigError if none."""
-    path = Path(path)
+    path = as_path(path)
     if (path / rundir.CONFIG_FILE).is_file():
         return "export" if (path / EXPORT_PARAMS_DIR).is_dir() else "run"
     if (path / HF_CONFIG).is_file():
@@ -71,17 +73,23 @@ def checkpoint_config(path: str | Path) -> dict[str, Any]:
 
 def fine_tune_state(setup: StepSetup) -> TrainState:
     """Step 0 of a run from model.init_from: its parameters in the run's dtype and
-    shardings, a fresh optimizer state."""
+    shardings (with LoRA: the base, beside fresh adapters), a fresh optimizer state."""
     cfg = setup.cfg
-    params = read_params(cfg.model.init_from, cfg.model, setup.abstract_state.params)
-    return state_from_params(params, setup.tx, setup.state_shardings, cfg.seed)
+    adapters, base = lora.split(setup.abstract_state.params)
+    params = read_params(cfg.model.init_from, cfg.model, base)
+    if adapters:
+        fresh = init_params_part(setup.model, lora.split(setup.state_shardings.params)[0],
+                                 cfg.seed, setup.rules, lambda p: lora.split(p)[0])
+        params = lora.join(fresh, params)
+    return state_from_params(params, setup.tx, setup.state_shardings, cfg.seed,
+                             setup.trainable)
 
 
 def tokenizer_dir(path: str | Path) -> Path | None:
     """Where the saved model's tokenizer files are (None when it has none)."""
     from jaxlm.data.tokenizers import has_tokenizer
 
-    path = Path(path)
+    path = as_path(path)
     found = path if kind_of(path) == "hf" else path / rundir.TOKENIZER_DIR
     return found if has_tokenizer(found) else None
 
@@ -100,15 +108,40 @@ def read_params(path: str | Path, model_cfg: ModelConfig, target: Any,
                 step: int | None = None) -> Any:
     """The saved parameters in the dtypes and shardings of `target` (target_params of
     `model_cfg`, which must be the saved model's architecture)."""
-    path = Path(path)
+    path = as_path(path)
     kind = kind_of(path)
     if kind == "hf":
         from jaxlm.convert.hf import lazy_params, place
 
-        return place(lazy_params(path, model_cfg), target)
+        with local_copy(path) as local:  # safetensors are read from local files
+            return place(lazy_params(local, model_cfg), target)
     if kind == "export":
         return restore_params(path / EXPORT_PARAMS_DIR, target)
-    params = restore_state_params(path / rundir.CHECKPOINT_DIR, target, step)
+    source = rundir.load_config(path).lora
+    if not source.rank or lora.has_adapters(target):
+        params = restore_state_params(path / rundir.CHECKPOINT_DIR, target, step)
+    else:  # a LoRA run read as a plain model: its adapters merged into their kernels
+        params = _merged_run_params(path, model_cfg, source, target, step)
     if params is None:
         raise CheckpointError(f"no checkpoint in {path}")
     return params
+
+
+def _merged_run_params(path: Path, model_cfg: ModelConfig, source: LoraConfig, target: Any,
+                       step: int | None) -> Any:
+    """A LoRA run's parameters with its adapters (read replicated: they are small) folded
+    into their kernels, in the shardings of `target`; None without a checkpoint."""
+    model = registry.build_model(lora.adapted(model_cfg, source))
+    mesh = jax.tree.leaves(target)[0].sharding.mesh
+    with jax.set_mesh(mesh):
+        shapes, _ = param_shardings(model, mesh)
+    rep = sharding.replicated(mesh)
+    adapters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            lora.split(shapes)[0])
+    params = restore_state_params(path / rundir.CHECKPOINT_DIR, lora.join(adapters, target),
+                                  step)
+    if params is None:
+        return None
+    merge = functools.partial(lora.merge, scale=source.alpha / source.rank)
+    out = jax.tree.map(lambda x: x.sharding, target)
+    return jax.jit(merge, out_shardings=out)(params)

@@ -18,7 +18,8 @@
 # NAME-0), MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID and MEGASCALE_PORT, which libtpu (DCN
 # between slices) and jax.distributed read; jaxlm's mesh then puts mesh.data across the slices
 # (mesh.dcn_data=-1, the default), so only gradient reductions cross DCN.
-# Checkpoints: run.dir must be storage that every worker sees at the same path.
+# Checkpoints: run.dir must be storage that every worker sees at the same path
+# (run.dir=gs://bucket/runs/NAME with gcsfs installed, or a shared mount).
 # --dry-run prints every command, one per line, instead of running it.
 set -euo pipefail
 

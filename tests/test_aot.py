@@ -19,7 +19,7 @@ def test_compile_reports_per_chip_memory_and_fit(capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["fits"] is True
     assert report["chips"] == 4 and report["mesh"] == {"data": 2, "fsdp": 2, "expert": 1,
-                                                        "tensor": 1}
+                                                        "context": 1, "tensor": 1}
     assert report["device_kind"].startswith("TPU v5")
     # fsdp=2 halves the parameter bytes per chip (up to unsharded biases and norms).
     assert report["params_bytes_per_chip"] < 0.6 * report["params"] * 4
@@ -36,7 +36,8 @@ def test_mixtral_8x7b_fits_a_v5p_slice_with_its_experts_split(capsys):
     code = main(["compile", "--config", "mixtral-8x7b", "--topology", "v5p:2x2x4", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["fits"] is True, report
-    assert report["mesh"] == {"data": 1, "fsdp": 2, "expert": 8, "tensor": 1}
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "expert": 8, "context": 1,
+                              "tensor": 1}
     assert 46.6e9 < report["params"] < 46.8e9  # 46.7B published
     # Experts (97% of the weights) split 16 ways (expert × fsdp), the rest 2 ways.
     assert report["params_bytes_per_chip"] < report["params"] * 4 / 12
@@ -54,7 +55,8 @@ def test_llama3_8b_fits_one_v5p_host(capsys):
     code = main(["compile", "--config", "llama3-8b", "--topology", "v5p:2x2x1", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["fits"] is True, report
-    assert report["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "context": 1,
+                              "tensor": 1}
     assert report["params"] == 8_030_261_248  # the published checkpoint's count
     # Every float32 weight split 4 ways; Adam's two moments twice that.
     assert report["params_bytes_per_chip"] == report["params"]

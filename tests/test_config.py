@@ -75,7 +75,8 @@ SHIPPED_PARAMS = {  # millions of parameters each shipped config builds
     "tiny": (0.8, 0.9), "gpt2-124m": (124, 125), "llama-1b": (1000, 1200),
     "transformer-mt-tiny": (1.8, 2.0), "transformer-base-mt": (50, 55),
     "bert-mlm-tiny": (0.1, 5), "t5-small-summarize": (45, 60), "gpt2-qa-tiny": (1.2, 1.5),
-    "mixtral-8x7b": (46_600, 46_800), "llama3-8b": (8_020, 8_040),
+    "mixtral-8x7b": (46_600, 46_800), "llama3-8b": (8_020, 8_040), "sft-tiny": (0.8, 0.9),
+    "lora-tiny": (0.8, 1.0), "dpo-tiny": (0.8, 0.9),
 }
 
 

@@ -102,3 +102,34 @@ def test_streaming_splits_documents_by_process_and_resumes_at_its_position(tmp_p
         np.testing.assert_array_equal(resumed.batch(p).inputs, sequential[p])
     data = data_setup.build(cfg, tmp_path / "run", progress=False)
     assert data.valid.batches_per_epoch == 2 and 0.9 < data.bytes_per_token <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["saved", "parquet"])
+def test_a_stream_reads_on_from_its_cursor_exactly(tmp_path, monkeypatch, kind):
+    """A checkpoint's cursor (through JSON) resumes the stream where it stood, mid-block,
+    mid-document and after an epoch, reading only what the next batches need; whether the
+    processes share out rows (one shard) or shards (four parquet files)."""
+    monkeypatch.setattr(stream, "BLOCK_DOCS", 16)
+    docs = [f"document {i}: " + d for i, d in enumerate(_docs(120))]
+    path = tmp_path / kind
+    if kind == "saved":
+        datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(path))
+    else:
+        path.mkdir()
+        for k in range(4):
+            datasets.Dataset.from_dict({"text": docs[k::4]}).to_parquet(
+                str(path / f"part-{k}.parquet"))
+    cfg = _cfg(tmp_path, path, "data.streaming=true", "train.eval_batches=1")
+    tok, n = ByteTokenizer(), 90  # more than two epochs of this process's documents
+    whole = stream.streams(cfg, tok, 1, 2).train
+    straight = [whole.batch(p).inputs for p in range(n)]
+    epochs = {whole.state(p)["epoch"] for p in range(n)}
+    assert epochs == {0, 1, 2}
+    longest = max(len(d.encode()) for d in docs) + 1
+    for stop in (3, 40, n - 2):
+        cursor = json.loads(json.dumps(whole.state(stop)))
+        resumed = stream.streams(cfg, tok, 1, 2).train
+        resumed.resume(stop, cursor)
+        for p in range(stop, n):
+            np.testing.assert_array_equal(resumed.batch(p).inputs, straight[p])
+        assert resumed.tokens_read <= (n - stop) * 4 * 32 + 32 + 2 * longest

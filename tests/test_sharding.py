@@ -102,7 +102,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 @pytest.mark.parametrize("mesh_cfg, model_extra, needle", [
-    (MeshConfig(3, 1, 1), [], "3×1×1×1 = 3 but there are 8 devices"),
+    (MeshConfig(3, 1, 1), [], "3×1×1×1×1 = 3 but there are 8 devices"),
     (MeshConfig(-1, 3, 1), [], "does not divide the 8 devices"),
     (MeshConfig(1, 1, 8), ["model.num_heads=4", "model.d_model=64"], "model.num_heads=4"),
     (MeshConfig(1, 1, 8), ["model.num_kv_heads=2", "model.preset=llama"], "num_kv_heads=2"),

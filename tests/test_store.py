@@ -1,23 +1,19 @@
 """The token store: tokenized once (by worker processes, resumable), equal to tokenizing each
-document whole, read by random access; hold-out, packing and cloud paths (gs:// through
-epath, on fsspec's in-memory file system)."""
+document whole, read by random access; hold-out and packing (cloud paths:
+tests/test_cloud_paths.py)."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from etils import epath
-from fsspec.implementations.memory import MemoryFileSystem
 
 from jaxlm.data import build, corpus
 from jaxlm.data.errors import DataError
 from jaxlm.data.packing import PackedRows
-from jaxlm.data.paths import Fingerprints, as_path, expand_files
+from jaxlm.data.paths import Fingerprints, as_path
 from jaxlm.data.pipeline import pack_documents
 from jaxlm.data.sources import plan_files
-from jaxlm.data.store import TokenStore
 from jaxlm.data.tokenizers import ByteTokenizer, train_bpe
 
 WORDS = ["thou", "art", "my", "lord", "and", "the", "king", "café", "naïve", "ß"]
@@ -142,53 +138,6 @@ def test_packed_rows_read_from_the_store_equal_pack_documents(tmp_path, files):
     assert len(rows) == len(want["inputs"])
     for k, v in want.items():
         np.testing.assert_array_equal(getattr(got, k), v, err_msg=k)
-
-
-class _MemoryGCS(MemoryFileSystem):
-    """gs:// on fsspec's in-memory file system (what gcsfs gives epath, without a network)."""
-
-    protocol = ("gs", "gcs")
-    root_marker = ""
-    store: dict = {}
-    pseudo_dirs = [""]
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        for scheme in ("gs://", "gcs://"):
-            path = path.removeprefix(scheme)
-        return path.strip("/")
-
-    def __init__(self, *args, finalize_on_close=True, **kwargs):
-        super().__init__(*args, **kwargs)
-
-
-def test_gs_paths_read_and_write_through_epath(tmp_path, files, monkeypatch):
-    """Data files and the store on gs:// (an in-memory bucket): listed, fingerprinted,
-    tokenized and read back by the same code as local paths."""
-    for name in ("gs", "gcs"):
-        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, _MemoryGCS)
-    cached = type(epath.backend.fsspec_backend)._get_filesystem  # epath keeps file systems
-    cached.cache_clear()
-    try:
-        _gs_roundtrip(tmp_path, files)
-    finally:
-        cached.cache_clear()
-
-
-def _gs_roundtrip(tmp_path, files):
-    paths, docs = files
-    for p in paths:
-        as_path(f"gs://bucket/data/{Path(p).name}").write_bytes(Path(p).read_bytes())
-    remote = expand_files(["gs://bucket/data"])
-    assert remote == [f"gs://bucket/data/{Path(p).name}" for p in paths]
-    assert expand_files(["gs://bucket/data/*.txt"]) == remote[:2]
-    store = _store("gs://bucket/stores", remote, ByteTokenizer())
-    assert str(store.directory).startswith("gs://bucket/stores/")
-    reopened = TokenStore.open(store.directory)
-    np.testing.assert_array_equal(reopened.read(0, reopened.num_tokens),
-                                  _reference(docs, ByteTokenizer()))
-    assert reopened.directory.name == _store(tmp_path, paths, ByteTokenizer()).directory.name
 
 
 def test_a_second_builder_waits_for_the_first_and_reads_its_store(tmp_path, files):

@@ -129,3 +129,7 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         # Without sliding layers HF still builds their mask: a window covering everything.
         "sliding_window": cfg.local_window or cfg.max_seq_len,
     }
+
+
+# LoRA adapters export in PEFT's layout as Llama's (jaxlm.convert.peft).
+PEFT_TASK_TYPE, peft_module = llama.PEFT_TASK_TYPE, llama.peft_module

@@ -24,12 +24,13 @@ from jaxlm.convert.safetensors_files import (
     SafetensorsCheckpoint,
     write_shards,
 )
+from jaxlm.data.paths import as_path
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """config.json of an HF directory; ConversionError naming the file when it is missing,
     unreadable, or not a JSON object with a model_type."""
-    path = Path(hf_dir) / "config.json"
+    path = as_path(hf_dir) / "config.json"
     if not path.exists():
         raise ConversionError(f"'{hf_dir}' is not an HF model directory (no config.json)")
     try:

@@ -306,6 +306,20 @@ def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarr
     return layout_to_hf(params, cfg, "llama", _attn_bias(cfg), cfg.use_bias)
 
 
+# HF PEFT (LoRA adapters alone, jaxlm.convert.peft): the task and each projection's module.
+PEFT_TASK_TYPE = "CAUSAL_LM"
+
+
+def peft_module(path: tuple[str, ...], cfg: ModelConfig) -> str:
+    """The HF module of one layer's projection, e.g. ('decoder', 'layers_0', 'attn',
+    'query') -> 'model.layers.0.self_attn.q_proj'."""
+    _, layer, block, proj = path
+    i = int(layer.rsplit("_", 1)[1])
+    if block == "attn":
+        return f"model.layers.{i}.self_attn.{_PROJ[proj]}"
+    return f"model.layers.{i}.mlp.{_MLP[proj]}"
+
+
 def base_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json keys every class of the shared layout reads."""
     return {

@@ -62,3 +62,7 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         **llama.base_hf_config(cfg), "hidden_act": ACT_TO_HF[cfg.activation],
         **llama.rope_hf_config(cfg), "sliding_window": cfg.local_window or None,
     }
+
+
+# LoRA adapters export in PEFT's layout as Llama's (jaxlm.convert.peft).
+PEFT_TASK_TYPE, peft_module = llama.PEFT_TASK_TYPE, llama.peft_module

@@ -83,3 +83,7 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         "router_aux_loss_coef": cfg.router_aux_loss, "router_jitter_noise": 0.0,
         "output_router_logits": False,
     }
+
+
+# LoRA adapters export in PEFT's layout as Llama's (jaxlm.convert.peft).
+PEFT_TASK_TYPE, peft_module = llama.PEFT_TASK_TYPE, llama.peft_module

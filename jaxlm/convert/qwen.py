@@ -70,3 +70,7 @@ def hf_config_from(cfg: ModelConfig) -> dict[str, Any]:
         # Older readers slide the layers from max_window_layers on.
         "max_window_layers": kinds.index("sliding_attention") if windowed else cfg.num_layers,
     }
+
+
+# LoRA adapters export in PEFT's layout as Llama's (jaxlm.convert.peft).
+PEFT_TASK_TYPE, peft_module = llama.PEFT_TASK_TYPE, llama.peft_module

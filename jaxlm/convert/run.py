@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from jaxlm.convert import ConversionError, family_module
 from jaxlm.convert.hf import hf_config_for, lazy_params, place, read_hf_config, save_hf
 from jaxlm.convert.hf_tokenizer import save_for_hf
 from jaxlm.convert.safetensors_files import DEFAULT_MAX_SHARD_BYTES
+from jaxlm.data.paths import as_path, copy_tree, is_remote, local_copy, native
 from jaxlm.data.tokenizers import Tokenizer, decoder_start_id, load_tokenizer
 from jaxlm.families import registry
 from jaxlm.optim import make_optimizer
@@ -45,7 +47,11 @@ def _check_out(out: Path) -> None:
 
 
 def _staging(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    """Where `out` is built: beside it (renamed at the end), or for a cloud `out` in a local
+    temporary folder (copied at the end)."""
+    if is_remote(out):
+        return Path(tempfile.mkdtemp(prefix="jaxlm-convert-"))
+    tmp = Path(out).parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -53,10 +59,13 @@ def _staging(out: Path) -> Path:
 
 def _publish(tmp: Path, out: Path) -> Path:
     _check_out(out)  # again: something may have appeared meanwhile
+    if is_remote(out):
+        copy_tree(tmp, out)
+        return out
     if out.exists():
         out.rmdir()
     tmp.rename(out)
-    return out
+    return native(out)
 
 
 def run_config(hf_config: dict[str, Any], name: str, overrides: list[str] | None = None
@@ -102,13 +111,15 @@ def _hf_tokenizer(hf_dir: Path) -> Tokenizer | None:
 
 def hf_to_run(hf_dir: str | Path, out_dir: str | Path,
               overrides: list[str] | None = None) -> Path:
-    """Converts an HF model directory into a new jaxlm run directory `out_dir`."""
-    hf_dir, out = Path(hf_dir), Path(out_dir)
+    """Converts an HF model directory into a new jaxlm run directory `out_dir` (either may
+    be local or `gs://...`)."""
+    out = as_path(out_dir)
     _check_out(out)
-    hf_config = read_hf_config(hf_dir)
-    cfg = run_config(hf_config, hf_dir.resolve().name, overrides)
-    state = train_state(cfg, lazy_params(hf_dir, cfg.model))
-    tokenizer = _hf_tokenizer(hf_dir)
+    name = as_path(hf_dir).name if is_remote(hf_dir) else Path(hf_dir).resolve().name
+    with local_copy(hf_dir) as local:  # safetensors are read from local files
+        cfg = run_config(read_hf_config(local), name, overrides)
+        state = train_state(cfg, lazy_params(local, cfg.model))
+        tokenizer = _hf_tokenizer(local)
     tmp = _staging(out)
     try:
         cfg.run.dir = str(out)
@@ -145,7 +156,7 @@ def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32
     when they do not fit in one."""
     from jaxlm.api import load
 
-    out = Path(out_dir)
+    out = as_path(out_dir)
     _check_out(out)
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")

@@ -48,7 +48,19 @@ class Seq2SeqBatch:
     loss_mask: Array  # [B, T] float32
 
 
-Batch = LMBatch | MLMBatch | Seq2SeqBatch
+@flax.struct.dataclass
+class PreferenceBatch:
+    """Preference pairs (DPO): the same prompt with the chosen and with the rejected
+    response, each a padded next-token row whose loss_mask covers the response only. The
+    reference model's summed log-probabilities [B] are filled in by the train step."""
+
+    chosen: LMBatch
+    rejected: LMBatch
+    ref_chosen_logp: Array | None = None  # [B] float32
+    ref_rejected_logp: Array | None = None  # [B] float32
+
+
+Batch = LMBatch | MLMBatch | Seq2SeqBatch | PreferenceBatch
 
 
 def take_rows(batch: Batch, rows: np.ndarray) -> Batch:

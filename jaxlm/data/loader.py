@@ -109,6 +109,13 @@ class GrainBatches:
         self._next = position + 1
         return next(self._iter)
 
+    def state(self, position: int) -> None:
+        """Nothing besides the position: the batch at it is a pure function of it."""
+        return None
+
+    def resume(self, position: int, state: Any) -> None:
+        """Nothing to restore (see `state`)."""
+
     def close(self) -> None:
         if self._iter is not None:
             self._iter.close()

@@ -1,16 +1,24 @@
-"""Data paths, local or in the cloud (`gs://`, `s3://`, ...), through one code path:
-`etils.epath` (which orbax also uses). Local paths keep their fast paths (os.pread, glob).
+"""Paths, local or in the cloud (`gs://`, `s3://`, ...), through one code path:
+`etils.epath` (which orbax also uses): data files, token stores, run directories, converted
+models. Local paths keep their fast paths (os.pread, glob). What only reads or writes local
+files (HF tokenizers, safetensors, the profiler) goes through a local copy.
 
 File fingerprints (the sha256 of the content, streamed) are remembered by (path, size,
 mtime), so a second run over unchanged files does not read them again."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,8 @@ from etils import epath
 from jaxlm.data.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+# The cloud schemes etils.epath reads and writes, and the fsspec package each needs.
+SCHEME_PACKAGES = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
 _WILDCARD = re.compile(r"[*?\[]")
 
 
@@ -28,9 +38,70 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
-    """An epath for `path`; a local one with `~` expanded."""
+    """An epath for `path`; a local one with `~` expanded. DataError for a cloud scheme
+    that epath does not know or whose file-system package is not installed."""
     text = os.fspath(path)
-    return epath.Path(text) if is_remote(text) else epath.Path(os.path.expanduser(text))
+    if not is_remote(text):
+        return epath.Path(os.path.expanduser(text))
+    scheme = text.split("://", 1)[0]
+    if scheme not in SCHEME_PACKAGES:
+        raise DataError(f"'{text}': {scheme}:// paths are not supported; use a local path or "
+                        f"{', '.join(s + '://' for s in SCHEME_PACKAGES)}")
+    if not _backend_installed(scheme):
+        raise DataError(f"'{text}': {scheme}:// paths need the {SCHEME_PACKAGES[scheme]} "
+                        f"package (pip install {SCHEME_PACKAGES[scheme]})")
+    return epath.Path(text)
+
+
+def native(path: str | os.PathLike) -> Path | epath.Path:
+    """What a function hands back to its caller: a local path as a pathlib.Path (which
+    globs `**`), a cloud one as an epath."""
+    return as_path(path) if is_remote(path) else Path(os.fspath(path))
+
+
+@functools.cache
+def _backend_installed(scheme: str) -> bool:
+    """Whether epath can reach `scheme`: its fsspec package, or TensorFlow's file system."""
+    return any(importlib.util.find_spec(p) is not None
+               for p in (SCHEME_PACKAGES[scheme], "tensorflow"))
+
+
+def copy_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copies the files below `source` to `target` (either may be remote), replacing files
+    of the same names."""
+    src, dst = as_path(source), as_path(target)
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            copy_tree(item, dst / item.name)
+        else:
+            (dst / item.name).write_bytes(item.read_bytes())
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[Path]:
+    """`path` as a local folder: itself, or a temporary copy of a remote one."""
+    if not is_remote(path):
+        yield Path(os.path.expanduser(os.fspath(path)))
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxlm-") as tmp:
+        copy_tree(path, tmp)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def local_target(path: str | os.PathLike) -> Iterator[Path]:
+    """A local folder to write what belongs in `path`: itself, or a temporary folder whose
+    files are copied to the remote `path` when the block ends without an error."""
+    if not is_remote(path):
+        yield Path(os.path.expanduser(os.fspath(path)))
+        return
+    tmp = tempfile.mkdtemp(prefix="jaxlm-")
+    try:
+        yield Path(tmp)
+        copy_tree(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _remote_glob(pattern: str) -> list[str]:

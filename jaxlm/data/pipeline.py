@@ -32,6 +32,13 @@ class BatchSource(Protocol):
 
     def batch(self, position: int) -> Batch: ...
 
+    def state(self, position: int) -> Any:
+        """What a checkpoint at `position` keeps besides it (JSON; a stream's cursor), or
+        None where the batch is a pure function of the position."""
+
+    def resume(self, position: int, state: Any) -> None:
+        """Reads on at `position` from a checkpoint's `state`."""
+
 
 class LMBatches(GrainBatches):
     """Windows of seq_len + 1 tokens of a token stream (an array, or a span of a token
@@ -173,6 +180,12 @@ class MappedBatches:
 
     def batch(self, position: int) -> Batch:
         return self.fn(self.source.batch(position))
+
+    def state(self, position: int) -> Any:
+        return self.source.state(position)
+
+    def resume(self, position: int, state: Any) -> None:
+        self.source.resume(position, state)
 
 
 ANSWER_CUE = "\nAnswer:"

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import corpus, pipeline
+from jaxlm.data import chat, corpus, pipeline
 from jaxlm.data.batch import LMBatch
 from jaxlm.data.packing import PackedRows
 from jaxlm.data.pipeline import BatchSource, DataError
@@ -79,6 +79,12 @@ def _tokenizer(cfg: Config, run_dir: Path, texts: Callable[[], Iterable[str]]) -
 
 
 def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
+    if cfg.data.format == "preference":  # DPO pairs (jaxlm.data.preference)
+        from jaxlm.data.preference import preference_data
+
+        return preference_data(cfg, run_dir)
+    if uses_chat(cfg):
+        return _chat_data(cfg, run_dir)
     if uses_pairs(cfg):
         return _pair_data(cfg, run_dir)
     return _text_data(cfg, run_dir, progress)
@@ -112,6 +118,71 @@ def _pair_data(cfg: Config, run_dir: Path) -> TrainData:
                                             shuffle=False, **proc)
     bpt = valid_bytes / max(float(valid.tgt_mask.sum()), 1.0)
     return TrainData(tok, train, valid, bpt, description)
+
+
+def uses_chat(cfg: Config) -> bool:
+    """Whether the run trains on conversations (data.format chat)."""
+    return cfg.data.format == "chat"
+
+
+def chat_files(cfg: Config) -> tuple[list[str], list[str]]:
+    """The train and held-out chat JSON lines of a chat run: data.files / data.valid_files,
+    else data.name=chat-tasks (made on first use)."""
+    from jaxlm.data import chat_tasks
+
+    d = cfg.data
+    if d.hf_path or d.streaming or d.pack:
+        raise DataError("data.format=chat reads chat JSON lines of data.files (always packed);"
+                        " remove data.hf_path, data.streaming and data.pack")
+    if d.files:
+        files = pipeline.expand_files(d.files)
+        valid = pipeline.expand_files(d.valid_files) if d.valid_files else []
+        for f in files + valid:
+            if not f.endswith((".jsonl", ".json")):
+                raise DataError(f"data.format=chat reads chat JSON lines, but '{f}' is not a "
+                                ".jsonl file")
+        return files, valid
+    if d.name != chat_tasks.NAME:
+        raise DataError(f"data.format=chat reads chat JSON lines: set data.files, or "
+                        f"data.name={chat_tasks.NAME} (data.name={d.name} is not a chat corpus)")
+    made = chat_tasks.ensure()
+    return [str(made.train)], [str(made.heldout)]
+
+
+def chat_splits(cfg: Config) -> tuple[list, list]:
+    """(train, held-out) conversations: the held-out files, else the last
+    data.valid_fraction of the training files'."""
+    train_files, valid_files = chat_files(cfg)
+    train = chat.read_chats(train_files)
+    if valid_files:
+        return train, chat.read_chats(valid_files)
+    n = max(1, int(len(train) * cfg.data.valid_fraction))
+    if n >= len(train):
+        raise DataError(f"{len(train)} conversation(s) cannot be split into train and "
+                        "validation; add conversations or set data.valid_files")
+    return train[:-n], train[-n:]
+
+
+def _chat_data(cfg: Config, run_dir: Path) -> TrainData:
+    """Conversations through the tokenizer's chat template (chat.DEFAULT_TEMPLATE when it
+    has none; the run's tokenizer keeps it), packed, the loss on assistant tokens only."""
+    t = cfg.train
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train, valid = chat_splits(cfg)
+    tok = _tokenizer(cfg, run_dir, lambda: [m["content"] for c in train for m in c])
+    tok.chat_template = chat.template_of(tok)
+    train_rows, dropped = chat.chat_rows(train, tok, t.seq_len)
+    valid_rows, _ = chat.chat_rows(valid, tok, t.seq_len)
+    reply_bytes = sum(len(m["content"].encode("utf-8")) for c in valid for m in c
+                      if m["role"] == "assistant")
+    description = (f"chat: train={len(train) - dropped:,} conversations in "
+                   f"{len(train_rows['inputs']):,} rows, valid={len(valid):,}")
+    if dropped:
+        description += f" ({dropped:,} left out: no assistant token within train.seq_len)"
+    return TrainData(
+        tok, pipeline.RowBatches(LMBatch(**train_rows), t.batch_size, seed=cfg.seed, **proc),
+        pipeline.RowBatches(LMBatch(**valid_rows), t.batch_size, shuffle=False, **proc),
+        reply_bytes / max(float(valid_rows["loss_mask"].sum()), 1.0), description)
 
 
 def _text_data(cfg: Config, run_dir: Path, progress: bool) -> TrainData:
@@ -158,7 +229,7 @@ def prepare_stores(cfg: Config, quiet: bool = False) -> dict[str, TokenStore]:
     """The token stores a text run of `cfg` reads, built now (`jaxlm prepare`); none for
     (source, target) pairs or a stream."""
     d = cfg.data
-    if uses_pairs(cfg) or d.streaming:
+    if uses_pairs(cfg) or uses_chat(cfg) or d.streaming or d.format == "preference":
         return {}
     root = store_root(d.store_dir)
     train_src, valid_src = corpus.sources(d, root, quiet)

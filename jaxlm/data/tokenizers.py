@@ -108,7 +108,8 @@ class _ModelInputs:
         """`messages` ([{'role': ..., 'content': ...}]) rendered by the chat template as HF's
         `apply_chat_template` does (extra keyword arguments, e.g. tools, reach the
         template); the text, or with `tokenize` its ids (HF returns those as input_ids), no
-        special tokens added beyond what the template writes."""
+        special tokens added beyond what the template writes (which are their ids even
+        where encode() keeps such strings as text, as the byte tokenizer does)."""
         from jaxlm.data import chat_template
 
         try:
@@ -117,7 +118,11 @@ class _ModelInputs:
                                         add_generation_prompt=add_generation_prompt, **kwargs)
         except chat_template.ChatTemplateError as e:
             raise TokenizerError(str(e)) from None
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not tokenize:
+            return text
+        from jaxlm.data.chat import encode_rendered  # the ids chat SFT trains on
+
+        return encode_rendered(self, text)
 
     def _encode(self, text: str) -> list[int]:
         """The text's own ids, no special tokens."""
@@ -348,8 +353,10 @@ def gpt2_from_tiktoken(path: str | Path) -> HFTokenizer:
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as _Tok
 
+    from jaxlm.data.paths import as_path
+
     ranks: dict[bytes, int] = {}
-    for line in Path(path).read_bytes().splitlines():
+    for line in as_path(path).read_bytes().splitlines():
         if line.strip():
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
@@ -380,8 +387,10 @@ def _hf_with_roles(tok: Any, roles: dict[str, Any]) -> HFTokenizer:
 
 
 def has_tokenizer(directory: str | Path) -> bool:
-    """Whether `directory` holds files `load_tokenizer` reads."""
-    d = Path(directory)
+    """Whether `directory` (local or remote) holds files `load_tokenizer` reads."""
+    from jaxlm.data.paths import as_path
+
+    d = as_path(directory)
     singles = (META_FILE, "tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model")
     return d.is_dir() and (any((d / f).is_file() for f in singles)
                            or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()))
@@ -389,9 +398,14 @@ def has_tokenizer(directory: str | Path) -> bool:
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Loads what `save()` wrote, or a plain HF model directory's tokenizer files, with the
-    chat template and special tokens its files declare."""
+    chat template and special tokens its files declare; a remote folder through a local copy
+    (the tokenizer libraries read local files)."""
     from jaxlm.data import chat_template
+    from jaxlm.data.paths import is_remote, local_copy
 
+    if is_remote(directory):
+        with local_copy(directory) as local:
+            return load_tokenizer(local)
     d = Path(directory)
     tok = _load(d)
     meta = read_json(d / META_FILE) if d.is_dir() else {}
@@ -448,7 +462,9 @@ def from_name(spec: str, texts: Iterable[str] | None = None,
         if texts is None or not vocab_size:
             raise TokenizerError("tokenizer 'bpe' needs texts and vocab_size to train on")
         return train_bpe(texts, vocab_size)
-    path = Path(spec).expanduser()
+    from jaxlm.data.paths import as_path
+
+    path = as_path(spec)
     if path.is_dir():
         return load_tokenizer(path)
     if path.is_file() and path.suffix == ".tiktoken":

@@ -40,9 +40,11 @@ class DecoderSpec(FamilySpec):
 
             extra = functools.partial(moe.router_losses, num_experts=m.num_experts,
                                       aux_weight=m.router_aux_loss, z_weight=m.router_z_loss)
+        # Context parallelism balances the causal work of its shards by a zig-zag order.
+        zigzag = cfg.mesh.context if cfg.mesh.context > 1 and cfg.mesh.context_zigzag else 0
         return functools.partial(objectives.causal_lm_loss, **cross_entropy_options(cfg),
                                  extra_loss=extra, chunk=cfg.train.loss_chunk,
-                                 logit_softcap=m.final_logit_softcap)
+                                 logit_softcap=m.final_logit_softcap, zigzag=zigzag)
 
     def from_windows(self, windows: LMBatch, start_id: int) -> LMBatch:
         return windows

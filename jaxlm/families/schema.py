@@ -22,7 +22,7 @@ OWN_FIELDS: dict[str, frozenset[str]] = {
 # data.format values each family trains on; the first is used for plain-text corpora, the
 # pair format (if any) for (source, target) corpora.
 DATA_FORMATS: dict[str, tuple[str, ...]] = {
-    "decoder": ("text", "prompt_answer"),
+    "decoder": ("text", "prompt_answer", "preference", "chat"),
     "encoder": ("text",),
     "encoder_decoder": ("text", "pairs"),
 }
@@ -31,6 +31,15 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
 # Families whose objective can take the final hidden states and output projection in chunks
 # of positions (train.loss_chunk) instead of whole logits.
 CHUNKED_LOSS: frozenset[str] = frozenset({"decoder"})
+
+
+# Families whose sequences mesh.context may split (context parallelism): decoder-only models.
+CONTEXT_PARALLEL: frozenset[str] = frozenset({"decoder"})
+
+
+def splits_sequences(name: str) -> bool:
+    """Whether family `name` trains with mesh.context > 1."""
+    return name in CONTEXT_PARALLEL
 
 
 def chunks_loss(name: str) -> bool:

@@ -217,6 +217,9 @@ def attention(
                           "splash or reference")
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     spec = mask_BTS if isinstance(mask_BTS, MaskSpec) else None
+    if spec is not None and spec.zigzag > 1:
+        raise ValueError("a sequence in zig-zag order needs the context-parallel attention "
+                         "(jaxlm.models.context, under a mesh with context > 1)")
     if impl in ("splash", "flash") and spec is not None and spec.q_offset is not None:
         # KV-cache decoding: a few queries after the cache, which the TPU kernels can't
         # place; this step is small, so XLA's attention serves it.

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import lora
+
 Axes = tuple[str | None, ...]
 
 
@@ -25,7 +27,8 @@ def ones_init(axes: Axes) -> nn.initializers.Initializer:
 
 
 class Projection(nn.Module):
-    """x[..., in_features] @ kernel[in_features, *features] (+ bias), in the compute dtype."""
+    """x[..., in_features] @ kernel[in_features, *features] (+ bias), in the compute dtype;
+    with an `adapter` (jaxlm.lora.Adapter), plus its low-rank update from `lora_a`, `lora_b`."""
 
     features: Sequence[int]
     kernel_axes: Axes
@@ -34,6 +37,8 @@ class Projection(nn.Module):
     std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    adapter: lora.Adapter | None = None
+    deterministic: bool = True  # the adapter's dropout is off
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,6 +53,16 @@ class Projection(nn.Module):
             bias = self.param("bias", zeros_init(bias_axes), tuple(self.features),
                               self.param_dtype)
             y = y + bias.astype(self.dtype)
+        ad = self.adapter
+        if ad is not None:
+            a_axes, b_axes = lora.adapter_axes(tuple(self.kernel_axes), self.in_axes)
+            a = self.param(lora.A, lora.a_init(a_axes, self.in_axes), (*in_shape, ad.rank),
+                           self.param_dtype)
+            b = self.param(lora.B, zeros_init(b_axes), (ad.rank, *self.features),
+                           self.param_dtype)
+            x = nn.Dropout(ad.dropout)(x, deterministic=self.deterministic)
+            y = y + lora.adapter_delta(x.astype(self.dtype), a.astype(self.dtype),
+                                       b.astype(self.dtype), ad.scale, self.in_axes)
         return y
 
 
@@ -125,18 +140,23 @@ class Mlp(nn.Module):
     out_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    adapter_in: lora.Adapter | None = None  # on wi (or wi_gate and wi_up)
+    adapter_out: lora.Adapter | None = None  # on wo
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         D = x_BTD.shape[-1]
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                  deterministic=self.deterministic)
         act = ACTIVATIONS[self.activation]
+        wi = dict(std=self.std, adapter=self.adapter_in, **kw)
         if self.gated:
-            gate = Projection((self.d_ff,), ("embed", "mlp"), std=self.std, name="wi_gate", **kw)
-            up = Projection((self.d_ff,), ("embed", "mlp"), std=self.std, name="wi_up", **kw)
+            gate = Projection((self.d_ff,), ("embed", "mlp"), name="wi_gate", **wi)
+            up = Projection((self.d_ff,), ("embed", "mlp"), name="wi_up", **wi)
             h_BTF = act(gate(x_BTD)) * up(x_BTD)
         else:
-            h_BTF = act(Projection((self.d_ff,), ("embed", "mlp"), std=self.std, name="wi",
-                                   **kw)(x_BTD))
+            h_BTF = act(Projection((self.d_ff,), ("embed", "mlp"), name="wi", **wi)(x_BTD))
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "act_mlp"))
-        return Projection((D,), ("mlp", "embed"), std=self.out_std, name="wo", **kw)(h_BTF)
+        return Projection((D,), ("mlp", "embed"), std=self.out_std, name="wo",
+                          adapter=self.adapter_out, **kw)(h_BTF)

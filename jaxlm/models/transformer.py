@@ -7,13 +7,16 @@ return logits, and (logits, cache) when decoding."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm import lora
 from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.models import attention as attn
-from jaxlm.models import ring_cache
+from jaxlm.models import context, ring_cache
 from jaxlm.models.layers import Embed, Mlp, Norm, Projection, normal_init
 from jaxlm.models.moe import MoeMlp
 
@@ -79,12 +82,14 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     cross: bool = False
+    deterministic: bool = True  # LoRA adapters' dropout off
 
     def _heads(self, x_BSD: jax.Array, heads: int, axis: str, name: str) -> jax.Array:
         """x projected to [B, S, heads, H]; queries and keys normed per head with qk_norm."""
         cfg = self.cfg
         y = Projection((heads, head_dim(cfg)), ("embed", axis, "head_dim"), name=name,
                        use_bias=cfg.use_bias or cfg.qkv_bias, std=cfg.init_std,
+                       adapter=lora.adapter_for(cfg, name), deterministic=self.deterministic,
                        **dtypes(cfg))(x_BSD)
         if cfg.qk_norm and name in ("query", "key"):
             y = Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, axis="head_dim",
@@ -127,11 +132,15 @@ class Attention(nn.Module):
             cache = {"k": k, "v": v}
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         scale = cfg.attention_scale or None
-        out_BTNH = attn.attention(q, k, v, mask_BTS, bias_BNTS, scale=scale, impl=cfg.attention,
-                                  cap=cfg.attention_softcap)
+        attend = attn.attention
+        if cache is None and context.shards() > 1:  # the sequence is split over devices
+            attend = functools.partial(context.attention, strategy=cfg.context_attention)
+        out_BTNH = attend(q, k, v, mask_BTS, bias_BNTS, scale=scale, impl=cfg.attention,
+                          cap=cfg.attention_softcap)
         kw["std"] = out_std(cfg)
         out_BTD = Projection((x_BTD.shape[-1],), ("heads", "head_dim", "embed"), in_axes=2,
-                             name="out", **kw)(out_BTNH)
+                             name="out", adapter=lora.adapter_for(cfg, "out"),
+                             deterministic=self.deterministic, **kw)(out_BTNH)
         return out_BTD, cache
 
 
@@ -166,8 +175,8 @@ class Block(nn.Module):
         new_cache = None if cache is None else {}
 
         def attention_step(kind, h, kv, mask, kv_pos, bias):
-            attention = Attention(cfg, cross=kind == "cross", name="attn" if kind == "self"
-                                  else "cross_attn")
+            attention = Attention(cfg, cross=kind == "cross", deterministic=self.deterministic,
+                                  name="attn" if kind == "self" else "cross_attn")
             out, layer_cache = attention(h, kv, mask, pos_BT, kv_pos, bias,
                                          None if cache is None else cache[kind],
                                          local=is_local if kind == "self" else False)
@@ -182,6 +191,8 @@ class Block(nn.Module):
                                                              enc_pos_BS, None), "ln_cross")
         mlp = MoeMlp(cfg, out_std(cfg), name="mlp") if cfg.num_experts else Mlp(
             cfg.d_ff, cfg.activation, cfg.gated_mlp, cfg.use_bias, cfg.init_std, out_std(cfg),
+            adapter_in=lora.adapter_for(cfg, "mlp_in"),
+            adapter_out=lora.adapter_for(cfg, "mlp_out"), deterministic=self.deterministic,
             name="mlp", **dtypes(cfg))
         x_BTD = residual(x_BTD, mlp, "ln_mlp")
         return nn.with_logical_constraint(x_BTD, ACT_AXES), new_cache
@@ -276,14 +287,17 @@ class DecoderLM(nn.Module):
 
     With `hidden=True` (training) it returns (x_BTD, w_VD) instead of the logits: the final
     hidden states and the output projection [vocab, embed] in the compute dtype, for a loss
-    that applies them in chunks (jaxlm.chunked_ce; cfg.final_logit_softcap is the loss's)."""
+    that applies them in chunks (jaxlm.chunked_ce; cfg.final_logit_softcap is the loss's).
+
+    `zigzag` > 1: the tokens (and positions_BT, segment_ids_BT, which must be given) are in
+    context parallelism's zig-zag order over that many shards (jaxlm.models.context)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
                  padding_mask_BT=None, deterministic: bool = True, cache=None,
-                 hidden: bool = False):
+                 hidden: bool = False, zigzag: int = 0):
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -299,7 +313,8 @@ class DecoderLM(nn.Module):
         # Structured, not [B, T, T]: block kernels build only the tiles they visit.
         mask_BTS = attn.MaskSpec(q_segment_BT=segment_ids_BT, kv_segment_BS=segment_ids_BT,
                                  kv_valid_BS=padding_mask_BT, causal=True,
-                                 q_offset=None if cache is None else cache["index"])
+                                 q_offset=None if cache is None else cache["index"],
+                                 zigzag=zigzag)
         local_BTS = mask_BTS.replace(window=cfg.local_window) if cfg.local_window else None
         if cache is not None and ring_cache.windowed_everywhere(cfg):  # a rolling cache
             mask_BTS = ring_cache.ring_mask(cache["index"], ring_cache.ring_length(

@@ -12,8 +12,8 @@ resumed run keeps it and never plans again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError
+from jaxlm.data.paths import as_path
 from jaxlm.data.setup import TrainData
 from jaxlm.evaluate import heldout_metrics
 from jaxlm.setup import StepSetup
@@ -34,10 +36,13 @@ from jaxlm.train import rundir
 from jaxlm.train.state import TrainState
 
 EVENT = "time_budget"
-# Train steps are timed after the compiling one in rounds of MEASURED_STEPS, until
-# MEASURED_SECONDS have passed (at most 20 rounds).
+# Train steps are timed after the compiling one in rounds of MEASURED_STEPS until
+# WARMUP_SECONDS have passed (at most 20 rounds), then in ROUNDS rounds of about
+# ROUND_SECONDS each.
 MEASURED_STEPS = 5
-MEASURED_SECONDS = 1.0
+WARMUP_SECONDS = 0.5
+ROUNDS = 5
+ROUND_SECONDS = 0.6
 # Kept free of the plan: what is not measured (writing the config and summaries, opening the
 # trackers, the end of the process) and the jitter of the step time.
 RESERVE_SHARE = 0.03
@@ -104,11 +109,23 @@ def _measure_steps(setup: StepSetup, data: TrainData, state: TrainState) -> tupl
 
     first = _timed(lambda: run(0))
     done, seconds = 0, 0.0
-    while seconds < MEASURED_SECONDS and done < 20 * MEASURED_STEPS:  # rounds of a few steps
+    while seconds < WARMUP_SECONDS and done < 20 * MEASURED_STEPS:  # a first estimate
         first_position = done + 1
         seconds += _timed(lambda p=first_position: [run(p + i) for i in range(MEASURED_STEPS)])
         done += MEASURED_STEPS
-    step = seconds / done
+    # Then asynchronous rounds of about ROUND_SECONDS, dispatched as the loop dispatches
+    # (small steps are not charged a pipeline drain each); their median resists a burst of
+    # other work on the machine.
+    count = min(int(ROUND_SECONDS * done / seconds), 2000)
+    if count < 2 * MEASURED_STEPS:  # long steps: a drain is negligible beside one
+        return max(first - seconds / done, 0.0), seconds / done, state
+    per_step = []
+    for _ in range(ROUNDS):
+        first_position = done + 1
+        per_step.append(_timed(lambda p=first_position: [run(p + i) for i in range(count)])
+                        / count)
+        done += count
+    step = float(np.median(per_step))
     return max(first - step, 0.0), step, state
 
 
@@ -124,9 +141,9 @@ def _measure_eval(setup: StepSetup, data: TrainData, params: Any, batches: int) 
 def _measure_save(state: TrainState, run_dir: Path) -> float:
     """One synchronous save (an upper bound on an asynchronous one) into the run directory,
     deleted after; every process writes its shards there, as into the run's checkpoints."""
-    probe = run_dir / ".time-budget-probe"
+    probe = as_path(run_dir) / ".time-budget-probe"
     if jax.process_index() == 0:
-        shutil.rmtree(probe, ignore_errors=True)  # left by a run that was killed here
+        _remove(probe)  # left by a run that was killed here
     _sync("jaxlm time budget probe: start")
     ckpt = Checkpointer(probe, keep=1, async_save=False)
     try:
@@ -135,7 +152,12 @@ def _measure_save(state: TrainState, run_dir: Path) -> float:
         ckpt.close()
         _sync("jaxlm time budget probe: end")
         if jax.process_index() == 0:
-            shutil.rmtree(probe, ignore_errors=True)
+            _remove(probe)
+
+
+def _remove(folder: epath.Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmtree(missing_ok=True)
 
 
 def _sync(name: str) -> None:
@@ -183,7 +205,7 @@ def _measure(setup: StepSetup, data: TrainData, state: TrainState, run_dir: Path
     state = jax.tree.map(jnp.copy, state)  # the train step donates (consumes) its input
     compile_s, step_s, state = _measure_steps(setup, data, state)
     batches = min(setup.cfg.train.eval_batches, data.valid.batches_per_epoch)
-    eval_s = _measure_eval(setup, data, state.params, batches)
+    eval_s = _measure_eval(setup, data, setup.eval_inputs(state), batches)
     save_s = _measure_save(state, run_dir)
     sample_s = 0.0
     if sample is not None:  # the end sample reuses the decoding this first one compiles

@@ -4,6 +4,7 @@ progress, logging, health and rollback, evaluation, checkpoints. Each sees the m
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ import numpy as np
 from jaxlm import trace
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
+from jaxlm.data.paths import local_target
 from jaxlm.train.health import StepHealth, TrainingDiverged
 from jaxlm.train.report import Summary
 from jaxlm.train.rundir import MetricsWriter
@@ -227,7 +229,7 @@ class Health(Hook):
 
 
 class Evaluate(Hook):
-    """Held-out metrics every train.eval_every steps and at the end."""
+    """Held-out metrics (`evaluate(state)`) every train.eval_every steps and at the end."""
 
     def __init__(self, cfg: Config, evaluate: Callable[[Any], dict[str, float]],
                  writer: MetricsWriter, summary: Summary, bar: Any, log: Log) -> None:
@@ -239,15 +241,18 @@ class Evaluate(Hook):
         return bool(self.every and p.step % self.every == 0) or p.step == p.total
 
     def run(self, p: Progress) -> None:
-        ev = self.evaluate(p.state.params)
+        ev = self.evaluate(p.state)
         self.writer.write({"step": p.step, **ev})
         s = self.summary
         s.history.append({"step": p.step, **ev})
-        s.eval_loss, s.eval_bits_per_byte = ev["eval_loss"], ev["eval_bits_per_byte"]
+        s.eval_loss = ev["eval_loss"]
+        s.eval_bits_per_byte = ev.get("eval_bits_per_byte", float("nan"))
         if not s.best_eval_loss <= ev["eval_loss"]:
             s.best_eval_loss = ev["eval_loss"]
-        msg = (f"step {p.step}: eval_loss {ev['eval_loss']:.4f} "
-               f"({ev['eval_bits_per_byte']:.3f} bits/byte)")
+        msg = f"step {p.step}: eval_loss {ev['eval_loss']:.4f} " + (
+            f"({s.eval_bits_per_byte:.3f} bits/byte)" if "eval_bits_per_byte" in ev else
+            f"(chosen over rejected {ev['eval_dpo_accuracy']:.1%})"
+            if "eval_dpo_accuracy" in ev else "")
         self.bar.write(msg, file=sys.stderr) if not self.bar.disable else say(msg, self.quiet)
         self.log.restart_clock()  # evaluation time is not training throughput
 
@@ -256,13 +261,16 @@ class Checkpoint(Every):
     """Saves the state and data position every checkpoint.every steps and at the end; not
     during a run of bad steps, whose parameters may be damaged."""
 
-    def __init__(self, cfg: Config, ckpt: Checkpointer, health: Health) -> None:
+    def __init__(self, cfg: Config, ckpt: Checkpointer, health: Health,
+                 data_item: Callable[[int], dict[str, Any]] | None = None) -> None:
         self.every, self.ckpt, self.health = cfg.checkpoint.every, ckpt, health
+        # position -> the checkpoint's data item (jaxlm.data.position.saved)
+        self.data_item = data_item or (lambda position: {"position": position})
 
     def run(self, p: Progress) -> None:
         if self.health.in_bad_run and not p.last:
             return
-        self.ckpt.save(p.step, p.state, {"position": p.position}, force=True)
+        self.ckpt.save(p.step, p.state, self.data_item(p.position), force=True)
 
 
 class Trace(Hook):
@@ -281,7 +289,8 @@ class Trace(Hook):
 
     def _start(self, step: int, state: Any = None) -> None:
         jax.block_until_ready(state)  # the steps before the window stay out of it
-        trace.start(self.dir)
+        self._target = contextlib.ExitStack()  # the profiler writes local files only
+        trace.start(self._target.enter_context(local_target(self.dir)))
         self.active, self.started_after = True, step
 
     def due(self, p: Progress) -> bool:
@@ -297,6 +306,7 @@ class Trace(Hook):
 
     def _stop(self, step: int, state: Any) -> None:
         trace.stop(state)
+        self._target.close()  # a cloud run directory receives the trace now
         self.active = self.on = False
         say(f"profiler trace of steps {self.started_after + 1}-{step} in {self.dir}; open it "
             f"with {trace.how_to_open(self.dir)}", self.quiet)
@@ -304,5 +314,6 @@ class Trace(Hook):
     def close(self) -> None:
         if self.active:  # the loop ended inside the window (an error): keep what there is
             trace.stop()
+            self._target.close()
             self.active = False
             say(f"profiler trace (cut short) in {self.dir}", self.quiet)

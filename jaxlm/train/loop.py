@@ -14,7 +14,9 @@ import numpy as np
 from jaxlm import perf, progress, sharding, trace, tracking, weights
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
+from jaxlm.data import position as data_position
 from jaxlm.data import setup as data_setup
+from jaxlm.data.paths import local_target
 from jaxlm.evaluate import heldout_metrics
 from jaxlm.setup import StepSetup, build
 from jaxlm.train import budget, hooks, prefetch, report, rundir, sample
@@ -37,7 +39,7 @@ def train(cfg: Config, run_dir: Path, sample_prompt: str | None = None, *,
                         async_save=cfg.checkpoint.async_save)
     summary = Summary(run_dir=str(run_dir), steps=0, params=0)
     with jax.set_mesh(setup.mesh):
-        state, position = _start(setup, ckpt, run_dir)
+        state, position = _start(setup, ckpt, run_dir, data)
         setup, plan = _plan(setup, data, state, ckpt, run_dir, t_start, sample_prompt)
         cfg = setup.cfg  # with train.steps as planned
         # Written only now: a refused resume (another model, unreadable checkpoints) must
@@ -45,8 +47,11 @@ def train(cfg: Config, run_dir: Path, sample_prompt: str | None = None, *,
         if is_main():
             rundir.write_config(run_dir, cfg)
             if not (run_dir / rundir.TOKENIZER_DIR).exists():
-                data.tokenizer.save(run_dir / rundir.TOKENIZER_DIR)
+                with local_target(run_dir / rundir.TOKENIZER_DIR) as folder:
+                    data.tokenizer.save(folder)
         summary.params = count_params(state.params)
+        summary.trainable_params = count_params(setup.trainable.trained(state.params))
+        summary.optimizer_state_bytes = report.state_bytes(setup.abstract_state.opt_state)
         summary.flops_per_token = setup.flops_per_token()
         summary.time_budget = cfg.train.time_budget
         _announce(setup, summary, data, run_dir)
@@ -112,16 +117,18 @@ def _plan(setup: StepSetup, data: data_setup.TrainData, state: TrainState, ckpt:
         raise
 
 
-def _start(setup: StepSetup, ckpt: Checkpointer, run_dir: Path) -> tuple[TrainState, int]:
-    """(state, data position): the newest readable checkpoint's, or a fresh initialisation."""
+def _start(setup: StepSetup, ckpt: Checkpointer, run_dir: Path,
+           data: data_setup.TrainData) -> tuple[TrainState, int]:
+    """(state, data position): the newest readable checkpoint's (the training data reads on
+    from there), or a fresh initialisation."""
     if ckpt.latest_step() is None:
         if setup.cfg.model.init_from:
             say(f"initialised from {setup.cfg.model.init_from} (fresh optimizer state)")
             return weights.fine_tune_state(setup), 0
         return setup.init_state(), 0
-    step, state, data_state = ckpt.restore(setup.abstract_state)
+    step, state, data_item = ckpt.restore(setup.abstract_state)
     say(f"resumed {run_dir} from step {step}")
-    return state, int(data_state.get("position", step))
+    return state, data_position.restore(data.train, data_item, step)
 
 
 def _announce(setup: StepSetup, summary: Summary, data: data_setup.TrainData,
@@ -133,9 +140,12 @@ def _announce(setup: StepSetup, summary: Summary, data: data_setup.TrainData,
         cfg.run.quiet)
     say(report.model_summary(setup.abstract_state.params, cfg, summary.flops_per_token),
         cfg.run.quiet)
+    say(report.trained_line(summary), cfg.run.quiet)
     if is_main():
-        rundir.write_summary(run_dir, report.start_record(cfg, summary.params,
-                                                          summary.flops_per_token))
+        rundir.write_summary(run_dir, {
+            **report.start_record(cfg, summary.params, summary.flops_per_token),
+            "trainable_params": summary.trainable_params,
+            "optimizer_state_bytes": summary.optimizer_state_bytes})
 
 
 def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,
@@ -158,12 +168,15 @@ def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,
     health = hooks.Health(cfg, ckpt, setup.abstract_state, writer, log)
     eval_batches = min(cfg.train.eval_batches, data.valid.batches_per_epoch)
 
-    def evaluate(params):
-        return heldout_metrics(setup.eval_step, params, data, setup.mesh, eval_batches)
+    def evaluate(state):
+        return heldout_metrics(setup.eval_step, setup.eval_inputs(state), data, setup.mesh,
+                               eval_batches)
 
     return [hooks.Preemption(cfg.train.log_every), hooks.ProgressBar(bar), log, health,
             hooks.Evaluate(cfg, evaluate, writer, summary, bar, log),
-            hooks.Checkpoint(cfg, ckpt, health), hooks.Trace(cfg, run_dir, start)]
+            hooks.Checkpoint(cfg, ckpt, health,
+                             lambda position: data_position.saved(data.train, position)),
+            hooks.Trace(cfg, run_dir, start)]
 
 
 def _finish(cfg: Config, summary: Summary, ckpt: Checkpointer, run_dir: Path, p: Progress,

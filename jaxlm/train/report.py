@@ -37,6 +37,8 @@ class Summary:
     tokens: int = 0  # positions trained on: steps × batch_size × seq_len
     flops_per_token: float = float("nan")
     time_budget: float = 0.0  # train.time_budget the step count was planned for (0 = none)
+    trainable_params: int = 0  # parameters the optimizer trains (LoRA: the adapters alone)
+    optimizer_state_bytes: int = 0  # the optimizer state's size, over all devices
     sample: str = ""  # the prompt and its continuation by the trained model
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -133,6 +135,18 @@ def model_summary(params: Any, cfg: Config, fpt: float) -> str:
     lines.append(f"FLOPs/token ≈ 6N + attention (causal half) = {human(fpt)}  "
                  f"({human(fpt * step_tokens)} per step of {step_tokens:,} tokens)")
     return "\n".join(lines)
+
+
+def state_bytes(tree: Any) -> int:
+    """Bytes of a (possibly abstract) tree of arrays."""
+    return sum(_size(x) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def trained_line(s: Summary) -> str:
+    """What the optimizer trains and holds state for (LoRA: the adapters alone)."""
+    share = 100 * s.trainable_params / max(s.params, 1)
+    return (f"trained     {human(s.trainable_params)} of {human(s.params)} parameters "
+            f"({share:.2f}%); optimizer state {s.optimizer_state_bytes / 2**20:.2f} MiB")
 
 
 def start_record(cfg: Config, num_params: int, flops_per_token: float) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The run directory: config.yaml, metrics.jsonl, tokenizer/, checkpoints/.
+"""The run directory: config.yaml, metrics.jsonl, tokenizer/, checkpoints/; local or in the
+cloud (`gs://...`), through etils.epath.
 
 Resolving a config against an existing run directory happens before anything is written,
 so a refused resume leaves the directory untouched.
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from etils import epath
 
 from jaxlm import config as config_lib
 from jaxlm.config import Config, ConfigError
+from jaxlm.data.paths import as_path, is_remote
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -25,8 +28,8 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def default_dir(cfg: Config) -> Path:
-    return Path("runs") / (cfg.name or "run")
+def default_dir(cfg: Config) -> epath.Path:
+    return as_path("runs") / (cfg.name or "run")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -41,12 +44,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resolve(config_name: str | None, overrides: list[str], *,
             read_checkpoint: Callable[[str], dict[str, Any]] | None = None
-            ) -> tuple[Config, Path, bool]:
+            ) -> tuple[Config, epath.Path, bool]:
     """(config, run dir, resuming?). An existing run dir's saved config wins; overrides may
     only change what a resumed run can change (steps, logging, checkpointing, mesh).
     `read_checkpoint`: what model.init_from fixes (see config.load)."""
     cfg = config_lib.load(config_name, overrides, read_checkpoint=read_checkpoint)
-    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_dir(cfg)
+    run_dir = as_path(cfg.run.dir) if cfg.run.dir else default_dir(cfg)
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.exists():
         cfg.run.dir = str(run_dir)
@@ -76,11 +79,20 @@ def resolve(config_name: str | None, overrides: list[str], *,
     return resumed, run_dir, True
 
 
-def write_config(run_dir: Path, cfg: Config) -> None:
+def write_config(run_dir: str | Path, cfg: Config) -> None:
+    run_dir = as_path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(config_lib.dump(cfg))
-    tmp.replace(run_dir / CONFIG_FILE)
+    _write_whole(run_dir / CONFIG_FILE, config_lib.dump(cfg))
+
+
+def _write_whole(path: epath.Path, text: str) -> None:
+    """Replaces the file at once (a rename locally; a cloud object is written whole)."""
+    if is_remote(path):
+        path.write_text(text)
+        return
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class DamagedConfig(ConfigError):
@@ -99,11 +111,11 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"not valid YAML{where}: {problem}"
 
 
-def read_config_file(path: Path) -> Config:
+def read_config_file(path: str | Path) -> Config:
     """A saved config.yaml as a validated Config; DamagedConfig (a ConfigError) naming the
     file when it cannot be read, is not YAML, or does not hold a valid config."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = as_path(path).read_bytes().decode("utf-8")
         raw = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise DamagedConfig(path, "not UTF-8 text") from None
@@ -122,7 +134,7 @@ def read_config_file(path: Path) -> Config:
 
 def load_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
     """A run directory's config, with dotted `overrides` applied and validated."""
-    path = Path(run_dir) / CONFIG_FILE
+    path = as_path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"'{run_dir}' is not a jaxlm run directory (no {CONFIG_FILE})")
     cfg = read_config_file(path)
@@ -141,24 +153,46 @@ def _clean(v: Any) -> Any:
 
 class MetricsWriter:
     """Appends one JSON object per row to metrics.jsonl and hands the row to the trackers
-    (TensorBoard, W&B; see jaxlm.tracking). Only on process 0 (`enabled`)."""
+    (TensorBoard, W&B; see jaxlm.tracking). Only on process 0 (`enabled`). A cloud object
+    cannot be appended to: there the file is written whole, at most every
+    REMOTE_FLUSH_SECONDS and when the writer closes."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, trackers: Sequence[Any] = ()):
-        self.path = run_dir / METRICS_FILE
+    REMOTE_FLUSH_SECONDS = 30.0
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True,
+                 trackers: Sequence[Any] = ()):
+        self.path = as_path(run_dir) / METRICS_FILE
         self.enabled = enabled
         self.trackers = list(trackers) if enabled else []
+        self._remote: list[str] | None = None  # the whole file, when it is a cloud object
+        if enabled and is_remote(self.path):
+            old = self.path.read_bytes().decode() if self.path.exists() else ""
+            self._remote = [old] if old else []
+        self._flushed = 0.0  # the first row is written at once
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"time": round(time.time(), 3), **row}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        line = json.dumps({k: _clean(v) for k, v in row.items()}) + "\n"
+        if self._remote is None:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self._remote.append(line)
+            if time.time() - self._flushed > self.REMOTE_FLUSH_SECONDS:
+                self.flush()
         for tracker in self.trackers:
             tracker.log(row)
 
+    def flush(self) -> None:
+        if self._remote is not None:
+            self.path.write_text("".join(self._remote))
+            self._flushed = time.time()
+
     def close(self) -> None:
-        """Flushes and closes the trackers (metrics.jsonl is written row by row)."""
+        """Writes what is buffered and closes the trackers."""
+        self.flush()
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
@@ -167,11 +201,11 @@ class MetricsWriter:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl rows; a line that is not a JSON object (one cut short by a run that is
     still writing or was killed) is skipped."""
-    path = Path(run_dir) / METRICS_FILE
+    path = as_path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
@@ -183,15 +217,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def write_summary(run_dir: str | Path, record: dict[str, Any]) -> None:
     """Replaces summary.json atomically (the run's status and totals; see jaxlm.runs)."""
-    path = Path(run_dir) / SUMMARY_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: _clean(v) for k, v in record.items()}, indent=2) + "\n")
-    tmp.replace(path)
+    _write_whole(as_path(run_dir) / SUMMARY_FILE,
+                 json.dumps({k: _clean(v) for k, v in record.items()}, indent=2) + "\n")
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
     """summary.json as a dict; {} when absent or unreadable (an older or foreign run)."""
-    path = Path(run_dir) / SUMMARY_FILE
+    path = as_path(run_dir) / SUMMARY_FILE
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -17,6 +17,7 @@ from jaxlm import sharding
 from jaxlm.data.batch import Batch
 from jaxlm.objectives import LossFn
 from jaxlm.train.state import TrainState
+from jaxlm.train.trainable import EVERYTHING, Trainable
 
 # Evaluation draws its randomness (the masked-LM masks) from this key folded with the batch
 # index: the same masks at every evaluation, different ones for each batch.
@@ -29,19 +30,24 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, loss_fn: LossFn,
-                    grad_accum_steps: int = 1, guard: bool = True) -> Callable:
+                    grad_accum_steps: int = 1, guard: bool = True,
+                    trainable: Trainable = EVERYTHING) -> Callable:
     """Returns step(state, batch) -> (state, metrics).
 
     Gradients are averaged over all unmasked tokens of the global batch, also when it is
     split into `grad_accum_steps` micro-batches. A step whose loss or gradient norm is not
     finite leaves the state unchanged (bad_step=1 in its metrics); `guard=False` leaves that
-    check out, only to measure its cost (benchmarks/step_variants.py).
+    check out, only to measure its cost (benchmarks/step_variants.py). Only the `trainable`
+    parameters are differentiated and updated (LoRA: the adapters); the rest pass through.
     """
 
     def grads_of(params, micro, rng):
-        def f(p):
-            return loss_fn(model.apply, p, micro, rng=rng, deterministic=False)
-        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
+        trained, frozen = trainable.split(params)
+
+        def f(t):
+            return loss_fn(model.apply, trainable.join(t, frozen), micro, rng=rng,
+                           deterministic=False)
+        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(trained)
         return loss, aux, grads
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -61,7 +67,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                 grads_acc = jax.tree.map(lambda a, g: a + n * g, grads_acc, grads)
                 return (grads_acc, loss_acc + n * loss, jax.tree.map(jnp.add, sums_acc, sums)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, trainable.trained(state.params))
             no_sums = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), jax.eval_shape(
                 grads_of, state.params, jax.tree.map(lambda v: v[0], micro), rng)[1])
             (grads, loss_sum, sums), _ = jax.lax.scan(
@@ -70,16 +76,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        trained, frozen = trainable.split(state.params)
+        updates, new_opt_state = tx.update(grads, state.opt_state, trained)
+        new_trained = optax.apply_updates(trained, updates)
         # Also guard the update itself: a non-finite learning rate gives finite gradients.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
             optax.tree.norm(updates)) if guard else jnp.bool_(True)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        new_state = TrainState(step=state.step + 1,
-                               params=keep(new_params, state.params),
-                               opt_state=keep(new_opt_state, state.opt_state),
-                               rng=state.rng)
+        # replace: fields the optimizer never sees (DPO's reference) pass through.
+        new_state = state.replace(step=state.step + 1,
+                                  params=trainable.join(keep(new_trained, trained), frozen),
+                                  opt_state=keep(new_opt_state, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "num_tokens": sums["num_tokens"], "nll_sum": sums["nll_sum"],
                    "bad_step": (~ok).astype(jnp.int32), **token_means(sums)}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -94,10 +95,9 @@ def test_two_processes_train_like_one_and_restore_in_one(tmp_path):
     assert losses2[-1] < losses2[0]
 
     # The 2-process checkpoint (shards written by both processes) loads in this single
-    # process, onto one device, and holds the same parameters as the 1-process run (atol:
-    # the key bias has a zero gradient, so Adam turns reduction-order noise into ~1e-6 steps).
+    # process, onto one device, and holds the same parameters as the 1-process run.
     lm_two, lm_one = jaxlm.load(two, step=20), jaxlm.load(one)
-    chex.assert_trees_all_close(lm_two.params, lm_one.params, rtol=1e-5, atol=1e-5)
+    _assert_same_params(lm_two.params, lm_one.params)
     assert isinstance(lm_two.generate("to be", max_new_tokens=8), str)
 
     # The 1-process run resumes in 2 processes: steps 21-22 and the final evaluation are
@@ -110,8 +110,26 @@ def test_two_processes_train_like_one_and_restore_in_one(tmp_path):
     assert steps1 == list(range(1, 23))
     np.testing.assert_allclose(losses1, losses2, rtol=1e-5)
     np.testing.assert_allclose(eval1, eval2, rtol=1e-5)
-    chex.assert_trees_all_close(jaxlm.load(one).params, jaxlm.load(two).params, rtol=1e-5,
-                                atol=1e-5)
+    _assert_same_params(jaxlm.load(one).params, jaxlm.load(two).params)
+
+
+def _assert_same_params(a, b) -> None:
+    """Equal within 1e-5, except the attention key bias: its gradient is zero in exact
+    arithmetic, so Adam turns reduction-order noise (which differs with the device layout)
+    into steps of ~lr; it only has to stay near zero on both sides."""
+    def split(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        key_bias = {jax.tree_util.keystr(k): v for k, v in flat if "'key'" in
+                    jax.tree_util.keystr(k) and "'bias'" in jax.tree_util.keystr(k)}
+        rest = {jax.tree_util.keystr(k): v for k, v in flat
+                if jax.tree_util.keystr(k) not in key_bias}
+        return key_bias, rest
+
+    (kb_a, rest_a), (kb_b, rest_b) = split(a), split(b)
+    chex.assert_trees_all_close(rest_a, rest_b, rtol=1e-5, atol=1e-5)
+    assert kb_a.keys() == kb_b.keys()
+    for name in kb_a:
+        np.testing.assert_allclose(kb_a[name], kb_b[name], atol=1e-4, err_msg=name)
 
 
 def _free_port() -> int:

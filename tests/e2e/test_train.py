@@ -136,6 +136,8 @@ def test_generate_defaults_are_the_readable_settings(trained, capsys):
                  "--max-new-tokens", "40"]) == 0
     expected = "SPEAKER1:" + _readable(jaxlm.load(run), "SPEAKER1:", 40, 3)
     assert capsys.readouterr().out == expected + "\n"
+    # The library's defaults are the command's.
+    assert "SPEAKER1:" + jaxlm.load(run).generate("SPEAKER1:", 40, seed=3) == expected
 
 
 def test_summary_shows_the_sample_without_control_bytes():

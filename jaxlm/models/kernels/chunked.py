@@ -13,6 +13,7 @@ Shapes as in attention.py: q [B, T, N, H], k/v [B, S, K, H], G = N // K.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +124,9 @@ def _slice_rows(x, start, size):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _forward(q, k, v, spec, dense, bias, st):
-    """Returns out [B, Tp, N, H] (v's dtype) and logsumexp [B, K, G, Tp] (float32)."""
+def _forward(q, k, v, spec, dense, bias, st, out_dtype=None):
+    """Returns out [B, Tp, N, H] (`out_dtype`, default v's dtype) and logsumexp
+    [B, K, G, Tp] (float32)."""
     B, Tp, N, H = q.shape
     K = k.shape[2]
     bq, bk = st[1:3]
@@ -151,7 +153,7 @@ def _forward(q, k, v, spec, dense, bias, st):
         m, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
         denom = jnp.maximum(denom, 1e-30)  # a tile range with nothing in it (all skipped)
         out = (acc / denom[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, bq, N, H)
-        return out.astype(v.dtype), m + jnp.log(denom)
+        return out.astype(out_dtype or v.dtype), m + jnp.log(denom)
 
     out, lse = jax.lax.map(q_tile, jnp.arange(nq))  # [nq, B, bq, N, H], [nq, B, K, G, bq]
     out = out.transpose(1, 0, 2, 3, 4).reshape(B, Tp, N, H)
@@ -171,6 +173,18 @@ def _attend_fwd(q, k, v, spec, dense, bias, st):
 
 def _attend_bwd(st, res, do):
     q, k, v, spec, dense, bias, out, lse = res
+    dq, dk, dv, dbias = _grads(st, q, k, v, spec, dense, bias, out, lse, do)
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    # Masks are integer/boolean inputs: their cotangents are symbolic zeros.
+    zero_spec = None if spec is None else jax.tree.map(_int_zero, spec)
+    zero_dense = None if dense is None else _int_zero(dense)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_spec, zero_dense,
+            dbias)
+
+
+def _grads(st, q, k, v, spec, dense, bias, out, lse, do):
+    """float32 gradients (dq, dk, dv, dbias or None) of the attention whose output `out` and
+    logsumexp `lse` the forward pass gave, for the output cotangent `do`."""
     B, Tp, N, H = q.shape
     Sp, K = k.shape[1], k.shape[2]
     G = N // K
@@ -222,12 +236,7 @@ def _attend_bwd(st, res, do):
         kv_tile, (jnp.zeros(q.shape, jnp.float32), dbias0), jnp.arange(nk))
     dk = dk.transpose(1, 0, 2, 3, 4).reshape(B, Sp, K, H)
     dv = dv.transpose(1, 0, 2, 3, 4).reshape(B, Sp, K, H)
-    dbias = None if bias is None else dbias.astype(bias.dtype)
-    # Masks are integer/boolean inputs: their cotangents are symbolic zeros.
-    zero_spec = None if spec is None else jax.tree.map(_int_zero, spec)
-    zero_dense = None if dense is None else _int_zero(dense)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_spec, zero_dense,
-            dbias)
+    return dq, dk, dv, dbias
 
 
 def _int_zero(x):
@@ -243,3 +252,31 @@ def _reduce_to(x_BNts, lead_shape):
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
+
+
+def _tile(length: int, block: int) -> int:
+    """The largest tile up to `block` that divides `length` (no padding inside a block pair)."""
+    return math.gcd(length, block)
+
+
+def block_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                    spec: MaskSpec | None, *, scale: float, cap: float = 0.0,
+                    block: int = DEFAULT_BLOCK) -> tuple[jax.Array, jax.Array]:
+    """The attention of these queries over these keys alone, for a caller that merges blocks
+    of keys (ring attention): float32 output [B, T, N, H] normalised over this block, and its
+    logsumexp [B, K, G, T] (masked everywhere: about the float32 minimum)."""
+    st = (float(scale), _tile(q_BTNH.shape[1], block), _tile(k_BSKH.shape[1], block),
+          k_BSKH.shape[1], float(cap))
+    return _forward(q_BTNH, k_BSKH, v_BSKH, spec, None, None, st, out_dtype=jnp.float32)
+
+
+def block_attention_grads(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                          spec: MaskSpec | None, out_BTNH: jax.Array, lse_BKGT: jax.Array,
+                          do_BTNH: jax.Array, *, scale: float, cap: float = 0.0,
+                          block: int = DEFAULT_BLOCK) -> tuple[jax.Array, ...]:
+    """float32 (dq, dk, dv): this block of keys' part of the gradient of an attention whose
+    final output and logsumexp over all blocks are `out_BTNH` and `lse_BKGT`."""
+    st = (float(scale), _tile(q_BTNH.shape[1], block), _tile(k_BSKH.shape[1], block),
+          k_BSKH.shape[1], float(cap))
+    return _grads(st, q_BTNH, k_BSKH, v_BSKH, spec, None, None, out_BTNH, lse_BKGT,
+                  do_BTNH)[:3]

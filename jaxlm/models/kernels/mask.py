@@ -38,6 +38,9 @@ class MaskSpec:
     kv_offset: jax.Array | None = None
     causal: bool = struct.field(pytree_node=False, default=False)
     window: int = struct.field(pytree_node=False, default=0)
+    # > 1: the token axis is in context parallelism's zig-zag order over this many shards
+    # (jaxlm.models.context), which only the context-parallel attention reads; 0 = in order.
+    zigzag: int = struct.field(pytree_node=False, default=0)
 
     @property
     def has_arrays(self) -> bool:
