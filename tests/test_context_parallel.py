@@ -173,7 +173,7 @@ def test_cli_trains_with_context_parallelism(tmp_path):
                  "mesh.data=2", "mesh.context=4", "model.context_attention=allgather"]) == 0
     losses = [r["loss"] for r in rundir.read_metrics(run) if "loss" in r]
     assert len(losses) == 3 and np.isfinite(losses).all()
-    saved = config_lib.load(str(run / "config.yaml"), [])
+    saved = rundir.load_config(run)
     assert (saved.mesh.context, saved.model.context_attention) == (4, "allgather")
 
 
