@@ -148,10 +148,12 @@ def _texts(pairs: list[tuple[Any, str, str]]) -> list[str]:
     return out
 
 
-def preference_data(cfg: Config, run_dir: Path) -> Any:
+def preference_data(cfg: Config, run_dir: Path, train_data: Any, tokenizer_for: Any) -> Any:
     """TrainData of preference pairs: data.files (else data.name=chat-preferences, made on
-    first use), held out by data.valid_files or the last data.valid_fraction of the pairs."""
-    from jaxlm.data.setup import TrainData, _tokenizer
+    first use), held out by data.valid_files or the last data.valid_fraction of the pairs.
+    `train_data` and `tokenizer_for` are jaxlm.data.setup's TrainData and tokenizer finder,
+    passed in so that this module does not import the one that calls it."""
+    TrainData, _tokenizer = train_data, tokenizer_for  # noqa: N806
 
     t, d = cfg.train, cfg.data
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())

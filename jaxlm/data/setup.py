@@ -82,7 +82,7 @@ def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
     if cfg.data.format == "preference":  # DPO pairs (jaxlm.data.preference)
         from jaxlm.data.preference import preference_data
 
-        return preference_data(cfg, run_dir)
+        return preference_data(cfg, run_dir, TrainData, _tokenizer)
     if uses_chat(cfg):
         return _chat_data(cfg, run_dir)
     if uses_pairs(cfg):
