@@ -62,8 +62,7 @@ class LM:
         model, params = self._for_decoding()
         ids = self.family.generate_ids(
             model, params, self.tokenizer, self.config.model, texts,
-            max_new_tokens=max_new_tokens, temperature=temperature,
-            top_k=min(top_k, self.config.model.vocab_size), top_p=top_p,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, beams=beams, length_penalty=length_penalty)
         out = [self.tokenizer.decode(i) for i in ids]
         return out[0] if isinstance(text, str) else out

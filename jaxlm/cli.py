@@ -123,9 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     compile_cache.enable()
     lm = jaxlm.load(args.run)
-    top_k = min(args.top_k, lm.config.model.vocab_size)  # more than all tokens = all tokens
     texts = lm.generate([args.prompt] * args.num_samples, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=top_k, top_p=args.top_p,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed, beams=args.beams, length_penalty=args.length_penalty)
     # A decoder continues the prompt; an encoder-decoder's output stands alone.
     from jaxlm.families import registry
@@ -163,10 +162,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     def write(piece: str) -> None:
         print(piece, end="", flush=True)
 
-    top_k = min(args.top_k, lm.config.model.vocab_size)
     session(lm, lines(), write, system=args.system,
             note=lambda s: print(s, file=sys.stderr, flush=True),
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=top_k,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed)
     return 0
 
@@ -454,19 +452,24 @@ def _train_args(t: argparse.ArgumentParser) -> None:
                         "seconds (default: $JAXLM_INIT_TIMEOUT or 300)")
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """--temperature/--top-k/--top-p/--seed, defaulting to readable text (jaxlm.sampling says
+    why); 0 / 0 / 1 samples the raw model."""
+    p.add_argument("--temperature", type=_float_arg(0), default=sampling.TEMPERATURE,
+                   help="0 = greedy")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=sampling.TOP_K,
+                   help="keep the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=_float_arg(0, 1, lo_open=True), default=sampling.TOP_P,
+                   help="nucleus sampling mass (1 = all)")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed")
+
+
 def _generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--run", required=True, help="run directory")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=POSITIVE, default=200, help="tokens to generate")
-    # Defaults for readable text (jaxlm.sampling says why); 0 / 0 / 1 samples the raw model.
-    g.add_argument("--temperature", type=_float_arg(0), default=sampling.TEMPERATURE,
-                   help="0 = greedy")
-    g.add_argument("--top-k", type=NON_NEGATIVE, default=sampling.TOP_K,
-                   help="keep the k likeliest tokens (0 = all)")
-    g.add_argument("--top-p", type=_float_arg(0, 1, lo_open=True), default=sampling.TOP_P,
-                   help="nucleus sampling mass (1 = all)")
+    _sampling_args(g)
     g.add_argument("--num-samples", type=POSITIVE, default=1, help="samples to draw")
-    g.add_argument("--seed", type=SEED, default=0, help="sampling seed")
     g.add_argument("--beams", type=POSITIVE, default=1,
                    help="beam search width (encoder-decoder models; 1 = greedy/sampling)")
     g.add_argument("--length-penalty", type=_float_arg(), default=1.0,
@@ -479,13 +482,7 @@ def _chat_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--system", default="", help="system prompt that opens the conversation")
     c.add_argument("--max-new-tokens", type=POSITIVE, default=128,
                    help="longest reply in tokens")
-    c.add_argument("--temperature", type=_float_arg(0), default=sampling.TEMPERATURE,
-                   help="0 = greedy")
-    c.add_argument("--top-k", type=NON_NEGATIVE, default=sampling.TOP_K,
-                   help="keep the k likeliest tokens (0 = all)")
-    c.add_argument("--top-p", type=_float_arg(0, 1, lo_open=True), default=sampling.TOP_P,
-                   help="nucleus sampling mass (1 = all)")
-    c.add_argument("--seed", type=SEED, default=0, help="sampling seed")
+    _sampling_args(c)
     c.description += (". Reads one user turn per line from stdin and streams each reply to "
                       "stdout through the model's chat template (the default ChatML-like one "
                       "if its tokenizer has none); /reset starts a new conversation; EOF ends.")

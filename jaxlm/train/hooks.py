@@ -249,12 +249,19 @@ class Evaluate(Hook):
         s.eval_bits_per_byte = ev.get("eval_bits_per_byte", float("nan"))
         if not s.best_eval_loss <= ev["eval_loss"]:
             s.best_eval_loss = ev["eval_loss"]
-        msg = f"step {p.step}: eval_loss {ev['eval_loss']:.4f} " + (
-            f"({s.eval_bits_per_byte:.3f} bits/byte)" if "eval_bits_per_byte" in ev else
-            f"(chosen over rejected {ev['eval_dpo_accuracy']:.1%})"
-            if "eval_dpo_accuracy" in ev else "")
+        msg = f"step {p.step}: eval_loss {ev['eval_loss']:.4f}{_headline(ev)}"
         self.bar.write(msg, file=sys.stderr) if not self.bar.disable else say(msg, self.quiet)
         self.log.restart_clock()  # evaluation time is not training throughput
+
+
+def _headline(ev: dict[str, float]) -> str:
+    """The evaluation's second figure: bits per byte for text, else DPO's preference
+    accuracy, when the evaluation has one."""
+    if "eval_bits_per_byte" in ev:
+        return f" ({ev['eval_bits_per_byte']:.3f} bits/byte)"
+    if "eval_dpo_accuracy" in ev:
+        return f" (chosen over rejected {ev['eval_dpo_accuracy']:.1%})"
+    return ""
 
 
 class Checkpoint(Every):

@@ -142,10 +142,7 @@ def _announce(setup: StepSetup, summary: Summary, data: data_setup.TrainData,
         cfg.run.quiet)
     say(report.trained_line(summary), cfg.run.quiet)
     if is_main():
-        rundir.write_summary(run_dir, {
-            **report.start_record(cfg, summary.params, summary.flops_per_token),
-            "trainable_params": summary.trainable_params,
-            "optimizer_state_bytes": summary.optimizer_state_bytes})
+        rundir.write_summary(run_dir, report.start_record(cfg, summary))
 
 
 def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,

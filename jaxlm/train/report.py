@@ -149,11 +149,14 @@ def trained_line(s: Summary) -> str:
             f"({share:.2f}%); optimizer state {s.optimizer_state_bytes / 2**20:.2f} MiB")
 
 
-def start_record(cfg: Config, num_params: int, flops_per_token: float) -> dict[str, Any]:
-    """summary.json while training: `running`, with the process that can be checked."""
+def start_record(cfg: Config, summary: Any) -> dict[str, Any]:
+    """summary.json while training: `running`, with the process that can be checked, and
+    what the loop's Summary knows before the first step."""
     return {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
             "started": round(time.time(), 3), "preset": cfg.model.preset,
-            "params": num_params, "flops_per_token": flops_per_token,
+            "params": summary.params, "flops_per_token": summary.flops_per_token,
+            "trainable_params": summary.trainable_params,
+            "optimizer_state_bytes": summary.optimizer_state_bytes,
             "total_steps": cfg.train.steps}
 
 
