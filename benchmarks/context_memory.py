@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import platform
 import time
 
@@ -87,8 +86,7 @@ def shard_times(shards: int, chunks: int, local: int, repeats: int = 7) -> tuple
             t0 = time.perf_counter()
             jax.block_until_ready(run(q, k, v, do, jnp.int32(me)))
             seconds[me] = min(seconds[me], time.perf_counter() - t0)
-    tile = math.gcd(local // chunks, settings.block)  # the kernel's tile (chunked._tile)
-    return ring.tiles_visited(settings, local * shards) * tile**2, seconds
+    return ring.pairs_computed(settings, local * shards), seconds
 
 
 def memory_tables(lengths: list[int], contexts: list[int], budget_gib: float) -> None:

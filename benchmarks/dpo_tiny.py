@@ -13,7 +13,8 @@ the SFT model as both policy and reference (what DPO starts from); after, the DP
 evaluation. Reported: eval_dpo_accuracy (share of pairs whose chosen reward beats the
 rejected one: 0 before, as every reward is 0 then), eval_dpo_logp_accuracy (the policy's own
 preference: summed log-probability of the chosen reply above the rejected one's),
-eval_dpo_reward_margin and the DPO loss; then the same per task, with the exact match of
+eval_dpo_reward_margin, eval_dpo_chosen_nll (the chosen replies' NLL per token) and the loss
+(DPO + dpo.sft_weight · that NLL); then the same per task, with the exact match of
 greedy replies (jaxlm.dialogue.exact_match) of the SFT and the DPO model on those held-out
 prompts; wall time and `uptime` load of each command.
 """
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 COLUMNS = ("eval_dpo_accuracy", "eval_dpo_logp_accuracy", "eval_dpo_reward_margin",
-           "eval_loss")
+           "eval_dpo_chosen_nll", "eval_loss")
 
 
 def load_average() -> str:

@@ -4,9 +4,10 @@ config, as a user runs them (one process each), alternating.
     python benchmarks/loop_overhead.py [--config tiny] [--w] [--rounds 3] [--steps 100]
         [--prefetch 2 0] [key=value ...]
 
-`--w` adds workload W's overrides (benchmarks/workload_w.py). `jaxlm bench` times
-synchronised steps on random tokens (median step); `jaxlm train` runs the real loop on the
-config's data with evaluation only at the end and no checkpoint before it, and its tokens/s
+`--w` adds workload W's overrides (benchmarks/workload_w.py). `jaxlm bench` times three
+rounds of asynchronously dispatched steps on random tokens (the median round); `jaxlm train`
+runs the real loop on the config's data with evaluation only at the end and no checkpoint
+before it, and its tokens/s
 is that of its metrics rows after the first (which holds the compile): total tokens over
 total time of those log intervals. One `train` per value of `--prefetch` (train.prefetch).
 The order of the commands rotates from round to round; the load average is recorded before

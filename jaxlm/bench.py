@@ -59,6 +59,30 @@ def compile_step(cfg: Config) -> Compiled:
     return Compiled(setup, state, compiled, seconds, batch)
 
 
+def time_rounds(setup: Compiled, steps: int, rounds: int, warmup: int,
+                next_batch: Callable[[], Any]) -> list[float]:
+    """Seconds per step of each of `rounds` rounds of `steps` steps dispatched as the
+    training loop dispatches them (asynchronously; one wait at the round's end), on
+    `steps` device batches built before the timing: the step's own throughput, which no
+    per-step drain of the device queue slows (a drain costs small steps a share of their
+    time)."""
+    with jax.set_mesh(setup.mesh):
+        batches = [sharding.host_batch_to_global(next_batch(), setup.mesh)
+                   for _ in range(steps)]
+        state, seconds = setup.state, []
+        for i in range(warmup):
+            state, _ = setup.step(state, batches[i % steps])
+        jax.block_until_ready(state)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for batch in batches:
+                state, metrics = setup.step(state, batch)
+            jax.block_until_ready((state, metrics))
+            seconds.append((time.perf_counter() - t0) / steps)
+    setup.state = state  # the old one was donated
+    return seconds
+
+
 def time_steps(setup: Compiled, steps: int, warmup: int,
                next_batch: Callable[[], Any]) -> dict[str, list[float]]:
     """Runs warmup + steps train steps, each synchronised, and returns per-step seconds:
@@ -96,7 +120,7 @@ class BenchResult:
     device_kind: str
     dtype: str
     tokens_per_step: int
-    steps: int
+    steps: int  # timed steps (per round, with rounds)
     compile_seconds: float
     step_seconds_median: float
     tokens_per_sec: float
@@ -110,6 +134,7 @@ class BenchResult:
     mfu_cost_analysis: float  # XLA's forward+backward FLOPs (step minus optimizer) / peak
     hfu_cost_analysis: float  # all the FLOPs XLA counts for the step / peak
     peak_memory_bytes_per_device: int
+    rounds: int = 1  # timed rounds of `steps` steps (the median round's step time)
 
     def table(self) -> str:
         gib = self.peak_memory_bytes_per_device / 2**30
@@ -119,7 +144,8 @@ class BenchResult:
             f"devices         {self.devices} × {self.device_kind}",
             f"tokens/step     {self.tokens_per_step:,}",
             f"compile         {self.compile_seconds:.2f} s",
-            f"step (median)   {self.step_seconds_median * 1e3:.1f} ms over {self.steps} steps",
+            f"step (median)   {self.step_seconds_median * 1e3:.1f} ms (the median of "
+            f"{self.rounds} rounds of {self.steps} steps)",
             f"tokens/s        {self.tokens_per_sec:,.0f}",
             f"FLOPs/token     {self.flops_per_token:.4g} (6N + 12·L·H·Q·T, causal halved); "
             f"dense attention {self.flops_per_token_dense:.4g}",
@@ -137,13 +163,15 @@ class BenchResult:
         return asdict(self)
 
 
-def bench(cfg: Config, steps: int = 20, warmup: int = 3) -> BenchResult:
-    """Compiles the train step of `cfg` and times `steps` steady-state steps on random tokens."""
+def bench(cfg: Config, steps: int = 20, warmup: int = 3, rounds: int = 3) -> BenchResult:
+    """Compiles the train step of `cfg` and times `rounds` rounds of `steps` steady-state
+    steps on random tokens; the step time is the median round's."""
     compiled = compile_step(cfg)
     rng = np.random.default_rng(1)
-    times = time_steps(compiled, steps, warmup,
-                       functools.partial(compiled.setup.synthetic_batch, rng))
-    return summarize(compiled, times)
+    per_step = time_rounds(compiled, steps, rounds, warmup,
+                           functools.partial(compiled.setup.synthetic_batch, rng))
+    return dataclasses.replace(summarize(compiled, {"step": per_step}), steps=steps,
+                               rounds=rounds)
 
 
 def counting_executable(setup: Compiled) -> Any:
@@ -177,6 +205,8 @@ def optimizer_flops(setup: StepSetup) -> float:
 
 
 def summarize(setup: Compiled, times: dict[str, list[float]]) -> BenchResult:
+    """The result of timed steps: `times["step"]` holds seconds per step (of single steps
+    or of rounds)."""
     cfg = setup.cfg
     n_dev = setup.mesh.size
     tokens = cfg.train.batch_size * cfg.train.seq_len

@@ -295,7 +295,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from jaxlm import xla_flags
 
     xla_flags.apply_cpu_matmul_threads(cfg.run.cpu_threaded_matmul)
-    result = bench(cfg, steps=args.steps, warmup=args.warmup)
+    result = bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0
 
@@ -582,7 +582,9 @@ def _compile_args(co: argparse.ArgumentParser) -> None:
 
 def _bench_args(be: argparse.ArgumentParser) -> None:
     be.add_argument("--config", default=None, help="config name or YAML path; default: tiny")
-    be.add_argument("--steps", type=POSITIVE, default=20, help="timed steps")
+    be.add_argument("--steps", type=POSITIVE, default=20, help="timed steps per round")
+    be.add_argument("--rounds", type=POSITIVE, default=3,
+                    help="timed rounds (the step time is the median round's)")
     be.add_argument("--warmup", type=NON_NEGATIVE, default=3,
                     help="untimed steps after compiling")
     be.add_argument("--json", action="store_true", help="print JSON instead of a table")

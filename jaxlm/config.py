@@ -198,7 +198,12 @@ class TrainConfig:
 class OptimConfig:
     lr: float = _f(3e-4, "peak learning rate")
     warmup_steps: int = _f(100, "linear warmup steps")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
+    schedule: str = _f("cosine", "after warmup: cosine (decay over the whole run) or wsd "
+                       "(warmup-stable-decay: lr held until the last optim.decay_fraction of "
+                       "the steps, then a linear decay; train.time_budget re-plans such a run "
+                       "while its lr is held)")
+    decay_fraction: float = _f(0.2, "optim.schedule=wsd: the share of the steps that decay")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr")
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not on biases, norms, embeddings)")
     b1: float = _f(0.9, "Adam beta1")
     b2: float = _f(0.95, "Adam beta2")
@@ -265,10 +270,14 @@ class DPOConfig:
                      "model (the reward is beta * log(policy / reference) of a response)")
     label_smoothing: float = _f(0.0, "train.objective=dpo: the chance that a preference label "
                                 "is flipped (conservative DPO); 0 = the sigmoid DPO loss")
+    sft_weight: float = _f(0.0, "train.objective=dpo: adds this times the chosen responses' "
+                           "mean per-token NLL to the DPO loss (RPO; TRL's rpo_alpha), which "
+                           "keeps their likelihood from falling; 0 = DPO alone")
 
 
 # lora.targets names -> the projections they adapt (self- and cross-attention alike).
 LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+LORA_TRAIN_ALSO = ("embed",)  # lora.train_also names (jaxlm.lora.TRAIN_ALSO)
 
 
 @dataclass
@@ -280,6 +289,10 @@ class LoraConfig:
     targets: list[str] = _f(["query", "value"], "LoRA: projections that get adapters: query, "
                             "key, value, out (attention), mlp_in (wi, or wi_gate and wi_up), "
                             "mlp_out (wo)")
+    train_also: list[str] = _f([], "LoRA: parameters trained whole beside the adapters (PEFT's "
+                               "modules_to_save): embed = the token, position and output "
+                               "embeddings (a base that never saw a byte or token the new "
+                               "data uses); [] = the adapters alone")
 
 
 @dataclass
@@ -576,6 +589,7 @@ def dump(cfg: Config) -> str:
 
 _CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
+    "optim.schedule": ("cosine", "wsd"),
     "model.attention": ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto"),
     "model.context_attention": ("ring", "allgather"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -639,6 +653,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not 0 < cfg.optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got "
+                          f"{cfg.optim.decay_fraction}")
     if not 0 < cfg.data.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction must be in (0, 1), got {cfg.data.valid_fraction}")
     for key in ("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert"):
@@ -747,6 +764,9 @@ def _check_objective(cfg: Config) -> None:
     if not 0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got "
                           f"{cfg.dpo.label_smoothing}")
+    if not 0 <= cfg.dpo.sft_weight < float("inf"):
+        raise ConfigError(f"dpo.sft_weight must be a finite number >= 0, got "
+                          f"{cfg.dpo.sft_weight}")
     if not dpo:
         return
     for key, why in (("data.pack", "pairs are padded rows, never packed"),
@@ -765,7 +785,8 @@ def _check_objective(cfg: Config) -> None:
 
 
 def _check_lora(cfg: Config) -> None:
-    """LoRA's rank, scale, dropout and targets; the MoE experts take no adapters."""
+    """LoRA's rank, scale, dropout, targets and train_also; the MoE experts take no
+    adapters."""
     lo = cfg.lora
     if lo.rank < 0:
         raise ConfigError(f"lora.rank must be >= 0 (0 = off), got {lo.rank}")
@@ -777,6 +798,14 @@ def _check_lora(cfg: Config) -> None:
     if bad or len(set(lo.targets)) != len(lo.targets) or (lo.rank and not lo.targets):
         raise ConfigError(f"lora.targets={lo.targets}: choose distinct names among "
                           f"{', '.join(LORA_TARGETS)}")
+    bad = [t for t in lo.train_also if t not in LORA_TRAIN_ALSO]
+    if bad or len(set(lo.train_also)) != len(lo.train_also):
+        raise ConfigError(f"lora.train_also={lo.train_also}: choose distinct names among "
+                          f"{', '.join(LORA_TRAIN_ALSO)}")
+    if lo.rank and lo.train_also and cfg.train.objective == "dpo":
+        raise ConfigError("lora.train_also with train.objective=dpo: DPO's reference is the "
+                          "base without adapters, which trained embeddings would move; "
+                          "leave lora.train_also empty")
     mlp = [t for t in lo.targets if t.startswith("mlp_")]
     if lo.rank and cfg.model.num_experts and mlp:
         raise ConfigError(f"lora.targets {', '.join(mlp)}: the expert MLPs of a mixture of "

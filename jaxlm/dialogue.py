@@ -69,9 +69,8 @@ class Replier:
         self.template = template or chat.template_of(lm.tokenizer)
         self.model, self.params = unrolled_for_decoding(lm.model, lm.params)
         self.max_len = lm.config.model.max_seq_len
-        end = chat.end_id(self.tokenizer, self.template)
-        self.stop = {i for i in (end, self.tokenizer.eos_id) if i is not None}
-        self.end_id = end if end is not None else self.tokenizer.eos_id
+        self.end_id = chat.end_id(self.tokenizer, self.template)  # else the EOS
+        self.stop = {i for i in (self.end_id, self.tokenizer.eos_id) if i is not None}
 
     def room(self, max_new_tokens: int) -> int:
         """The most prompt tokens kept, leaving room for the reply."""

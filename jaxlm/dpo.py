@@ -1,6 +1,7 @@
 """Direct preference optimisation (Rafailov et al., 2023): the sigmoid DPO loss on the
 summed log-probabilities of a chosen and a rejected response under the trained policy and a
-frozen reference model, with conservative label smoothing as HF TRL's cDPO.
+frozen reference model, with conservative label smoothing as HF TRL's cDPO, and optionally
+RPO's NLL term on the chosen responses (Pang et al., 2024; TRL's rpo_alpha).
 
 The reference's log-probabilities are computed once per batch inside the step, from frozen
 weights and without gradient: with LoRA the base model without its adapters (no second copy
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import lora
 from jaxlm.data.batch import LMBatch, PreferenceBatch
 
 if TYPE_CHECKING:
@@ -56,6 +58,19 @@ def dpo_loss(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array,
     return losses_B, rewards[0], rewards[1]
 
 
+def rpo_loss(losses_B: jax.Array, policy_chosen_B: jax.Array, chosen_tokens_B: jax.Array, *,
+             sft_weight: float) -> tuple[jax.Array, jax.Array]:
+    """mean(losses_B) + sft_weight · NLL, and NLL: the chosen responses' mean per-token
+    negative log-likelihood over all of the batch's response tokens (TRL's token mean),
+    from their summed log-probabilities and token counts (with gradient accumulation, each
+    micro-batch's, weighted by its pairs). It keeps the chosen replies' likelihood up while
+    DPO separates them from near misses."""
+    nll = -jnp.sum(policy_chosen_B) / jnp.maximum(jnp.sum(chosen_tokens_B), 1.0)
+    loss = jnp.mean(losses_B)
+    # A static 0 leaves the loss bit-identical to DPO's (no 0 · NLL term).
+    return (loss + sft_weight * nll if sft_weight else loss), nll
+
+
 def response_logps(apply_fn: Callable, params: Any, rows: LMBatch, *,
                    rng: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     """The summed log-probability [B] of each row's loss-masked (response) targets."""
@@ -78,11 +93,12 @@ def with_reference_logps(apply_fn: Callable, ref_params: Any,
 
 def preference_loss(apply_fn: Callable, params: Any, batch: PreferenceBatch, *,
                     rng: jax.Array | None = None, deterministic: bool = True,
-                    beta: float = 0.1, label_smoothing: float = 0.0
+                    beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The mean DPO loss over the batch's pairs (an objectives.LossFn); its sums count pairs
-    and carry the rewards, their margin, the accuracy (chosen reward > rejected reward), the
-    policy's summed log-probabilities and how often it gives the chosen one more."""
+    """The mean DPO loss over the batch's pairs plus sft_weight · the chosen responses' NLL
+    (rpo_loss; an objectives.LossFn); its sums count pairs and carry the rewards, their
+    margin, the accuracy (chosen reward > rejected reward), the policy's summed
+    log-probabilities, how often it gives the chosen one more, and the chosen NLL."""
     if batch.ref_chosen_logp is None or batch.ref_rejected_logp is None:
         raise ValueError("preference_loss needs the reference log-probabilities: pass the "
                          "batch through with_reference_logps first")
@@ -95,8 +111,10 @@ def preference_loss(apply_fn: Callable, params: Any, batch: PreferenceBatch, *,
     losses_B, reward_c_B, reward_r_B = dpo_loss(
         chosen_B, rejected_B, batch.ref_chosen_logp, batch.ref_rejected_logp, beta=beta,
         label_smoothing=label_smoothing)
+    loss, chosen_nll = rpo_loss(losses_B, chosen_B, jnp.sum(batch.chosen.loss_mask, axis=-1),
+                                sft_weight=sft_weight)
     pairs = jnp.asarray(losses_B.shape[0], jnp.float32)
-    sums = {"nll_sum": jnp.sum(losses_B), "num_tokens": pairs,
+    sums = {"nll_sum": loss * pairs, "num_tokens": pairs,
             "dpo_chosen_reward_sum": jnp.sum(reward_c_B),
             "dpo_rejected_reward_sum": jnp.sum(reward_r_B),
             "dpo_reward_margin_sum": jnp.sum(reward_c_B - reward_r_B),
@@ -104,34 +122,31 @@ def preference_loss(apply_fn: Callable, params: Any, batch: PreferenceBatch, *,
             # the policy's own preference, without the reference (before DPO: the base's)
             "dpo_logp_accuracy_sum": jnp.sum((chosen_B > rejected_B).astype(jnp.float32)),
             "dpo_chosen_logp_sum": jax.lax.stop_gradient(jnp.sum(chosen_B)),
-            "dpo_rejected_logp_sum": jax.lax.stop_gradient(jnp.sum(rejected_B))}
-    return jnp.mean(losses_B), sums
+            "dpo_rejected_logp_sum": jax.lax.stop_gradient(jnp.sum(rejected_B)),
+            # per response token (a per-pair mean like the rest: this batch's, times pairs)
+            "dpo_chosen_nll_sum": jax.lax.stop_gradient(chosen_nll * pairs)}
+    return loss, sums
 
 
 def loss_fn(cfg: Config) -> Callable:
-    """The run's DPO objective (dpo.beta, dpo.label_smoothing)."""
+    """The run's DPO objective (dpo.beta, dpo.label_smoothing, dpo.sft_weight)."""
     return functools.partial(preference_loss, beta=cfg.dpo.beta,
-                             label_smoothing=cfg.dpo.label_smoothing)
+                             label_smoothing=cfg.dpo.label_smoothing,
+                             sft_weight=cfg.dpo.sft_weight)
 
 
 # ---------------------------------------------------------------- the reference model
 
-def lora_on(cfg: Config) -> bool:
-    """Whether the run trains LoRA adapters (then the base without them is the reference)."""
-    return cfg.lora.rank > 0
-
-
 def keeps_reference_copy(cfg: Config) -> bool:
-    """Whether the train state holds a frozen copy of the starting parameters."""
-    return cfg.train.objective == "dpo" and not lora_on(cfg)
+    """Whether the train state holds a frozen copy of the starting parameters (DPO without
+    LoRA; with LoRA the reference is the base without its adapters)."""
+    return cfg.train.objective == "dpo" and not cfg.lora.rank
 
 
 def reference_fn(cfg: Config) -> Callable[[TrainState], Any]:
     """state -> the reference model's parameters (usable inside jit)."""
-    if lora_on(cfg):
-        from jaxlm.lora import without_adapters
-
-        return lambda state: without_adapters(state.params)
+    if cfg.lora.rank:
+        return lambda state: lora.without_adapters(state.params)
     return lambda state: state.ref_params
 
 

@@ -20,6 +20,7 @@ from jaxlm.data.paths import as_path
 from jaxlm.progress import bar
 from jaxlm.setup import build
 from jaxlm.train import rundir
+from jaxlm.train.step import token_means
 
 
 def heldout_metrics(eval_step: Callable, params: Any, data: data_setup.TrainData, mesh: Mesh,
@@ -41,9 +42,10 @@ def heldout_metrics(eval_step: Callable, params: Any, data: data_setup.TrainData
                       eval_bits_per_byte=loss / math.log(2) / data.bytes_per_token)
     if "num_correct" in sums:
         result["eval_accuracy"] = sums["num_correct"] / n
-    # Each other `X_sum` as its mean (objectives.LossFn): DPO's rewards, margin, accuracy.
-    result.update({f"eval_{k[:-4]}": v / n for k, v in sums.items()
-                   if k.endswith("_sum") and k != "nll_sum"})
+    # Each other `X_sum` as its mean, named as the train step logs it (DPO's rewards, margin,
+    # accuracy; the MoE router losses).
+    result.update({f"eval_{k}": float(v)
+                   for k, v in token_means({**sums, "num_tokens": n}).items()})
     return result
 
 

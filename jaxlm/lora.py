@@ -4,8 +4,9 @@ A targeted projection y = x W (+ b) becomes y = x W (+ b) + (alpha / r) · dropo
 A [in..., r] (PEFT's Kaiming-uniform init) and B [r, out...] (zeros, so training starts at the
 base model). The adapters are parameters `lora_a`, `lora_b` beside the projection's `kernel`;
 their in/out axes carry the kernel's logical names and the rank axis `lora_rank`, so they
-shard like their base weight. Only they are differentiated and given optimizer state
-(jaxlm.train.trainable); the base stays bit-identical.
+shard like their base weight. Only they (and what lora.train_also names, e.g. the embeddings)
+are differentiated and given optimizer state (jaxlm.train.trainable); the rest of the base
+stays bit-identical.
 
 Everything here is a pure function of parameter trees; `Projection` (models/layers.py) holds
 the adapter parameters and calls `adapter_delta`.
@@ -96,9 +97,14 @@ def adapter_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float,
 
 # ----------------------------------------------------------------------- parameter trees
 
+def _leaf_name(path: tuple) -> str:
+    """The last key of a parameter path: a flattened dict's (a str) or a jax key path's."""
+    return str(getattr(path[-1], "key", path[-1]))
+
+
 def is_adapter(path: tuple) -> bool:
     """Whether a flattened parameter path (of keys) names an adapter matrix."""
-    return str(getattr(path[-1], "key", path[-1])) in (A, B)
+    return _leaf_name(path) in (A, B)
 
 
 def has_adapters(params: Params) -> bool:
@@ -109,9 +115,38 @@ def has_adapters(params: Params) -> bool:
 ADAPTERS = Trainable(is_adapter)
 
 
+def _path_names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def is_embedding(path: tuple) -> bool:
+    """Whether a parameter path names an embedding table: token, position or token-type
+    embeddings, or an untied output head (lm_head)."""
+    names = _path_names(path)
+    return names[-1] in ("embedding", "pos_embed", "type_embed") or "lm_head" in names
+
+
+# lora.train_also names -> the other parameters that train whole beside the adapters.
+TRAIN_ALSO = {"embed": is_embedding}
+
+
+@dataclass(frozen=True)
+class _AdaptersAnd:
+    """Trainable.select of the adapters plus the `train_also` parameters (hashable)."""
+
+    train_also: tuple[str, ...]
+
+    def __call__(self, path: tuple) -> bool:
+        return is_adapter(path) or any(TRAIN_ALSO[n](path) for n in self.train_also)
+
+
 def trainable(lora_cfg: LoraConfig) -> Trainable:
-    """What a run trains: the adapters alone when LoRA is on, else every parameter."""
-    return ADAPTERS if lora_cfg.rank else EVERYTHING
+    """What a run trains: with LoRA the adapters (and the lora.train_also parameters), else
+    every parameter."""
+    if not lora_cfg.rank:
+        return EVERYTHING
+    return Trainable(_AdaptersAnd(tuple(lora_cfg.train_also))) if lora_cfg.train_also \
+        else ADAPTERS
 
 
 def split(params: Params) -> tuple[Params, Params]:
@@ -128,7 +163,7 @@ def without_adapters(params: Params) -> Params:
     """The same tree with every B zeroed: the adapted model then computes its base model
     exactly (x A 0 = 0), with no second copy of the base (DPO's reference model)."""
     def zero(path, leaf):
-        return jnp.zeros_like(leaf) if str(getattr(path[-1], "key", "")) == B else leaf
+        return jnp.zeros_like(leaf) if _leaf_name(path) == B else leaf
     return jax.tree_util.tree_map_with_path(zero, params)
 
 
@@ -160,4 +195,3 @@ def merge(params: Params, scale: float) -> Params:
 def merged_config(cfg: Config) -> Config:
     """The config of merged parameters: lora off (a plain model of the same architecture)."""
     return dataclasses.replace(cfg, lora=LoraConfig())
-

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxlm import lora, sharding
+from jaxlm import dpo, lora, sharding
 from jaxlm.config import Config, ConfigError
 from jaxlm.data.batch import Batch
 from jaxlm.families import registry
@@ -74,8 +74,6 @@ class StepSetup:
     def synthetic_batch(self, rng: np.random.Generator) -> Batch:
         """A global host batch of random tokens in the family's layout (DPO: pairs)."""
         if self.reference is not None:
-            from jaxlm import dpo
-
             return dpo.synthetic_batch(self.family.synthetic_batch(self.cfg, rng),
                                        self.family.synthetic_batch(self.cfg, rng))
         return self.family.synthetic_batch(self.cfg, rng)
@@ -96,8 +94,6 @@ class StepSetup:
         flops = self.family.flops_per_token(self.cfg, params or self.abstract_state.params,
                                             causal_halved=causal_halved)
         if self.reference is not None:  # per position of a pair: both sequences, reference
-            from jaxlm import dpo
-
             flops *= dpo.FLOPS_FACTOR
         return flops
 
@@ -138,13 +134,11 @@ def build(cfg: Config, *, devices: Sequence[Any] | None = None,
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     loss_fn, reference = family.loss_fn(cfg, mask_id=mask_id), None
     if cfg.train.objective == "dpo":
-        from jaxlm import dpo
-
         loss_fn, reference = dpo.loss_fn(cfg), dpo.reference_fn(cfg)
     with jax.set_mesh(mesh):
         abstract_state, shardings = state_shardings(
             model, tx, mesh, rules,
-            reference_copy=reference is not None and dpo.keeps_reference_copy(cfg),
+            reference_copy=dpo.keeps_reference_copy(cfg),
             trainable=trainable)
 
     def step_for(total_steps):  # traced: the optimizer's state does not depend on it

@@ -8,6 +8,7 @@ hand ask the active table (`mesh_axes_for`) instead of naming mesh axes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -148,6 +149,7 @@ def host_batch_to_global(batch: Any, mesh: Mesh) -> Any:
             batch_sharding(mesh, v.ndim), v, (v.shape[0] * rows, *v.shape[1:])), batch)
 
 
+@functools.lru_cache(maxsize=8)  # per step, and a pod has thousands of devices to scan
 def _global_rows(mesh: Mesh) -> int:
     """Global rows per row of this process: the batch shards of the mesh over those its
     devices hold."""

@@ -50,7 +50,7 @@ def heldout_pairs(cfg: Config, split: str = "test") -> list[tuple[str, str]]:
     if valid_files:
         return pipeline.read_pairs(valid_files, *fields)
     pairs = pipeline.read_pairs(train_files, *fields)
-    return pairs[-max(1, int(len(pairs) * cfg.data.valid_fraction)):]
+    return setup.hold_out_last(pairs, cfg.data.valid_fraction, "pair")[1]  # as training did
 
 
 def predict(lm: Any, sources: list[str], *, beams: int = 1, length_penalty: float = 1.0,

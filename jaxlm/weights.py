@@ -129,15 +129,9 @@ def read_params(path: str | Path, model_cfg: ModelConfig, target: Any,
 
 def _merged_run_params(path: Path, model_cfg: ModelConfig, source: LoraConfig, target: Any,
                        step: int | None) -> Any:
-    """A LoRA run's parameters with its adapters (read replicated: they are small) folded
-    into their kernels, in the shardings of `target`; None without a checkpoint."""
-    model = registry.build_model(lora.adapted(model_cfg, source))
-    mesh = jax.tree.leaves(target)[0].sharding.mesh
-    with jax.set_mesh(mesh):
-        shapes, _ = param_shardings(model, mesh)
-    rep = sharding.replicated(mesh)
-    adapters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                            lora.split(shapes)[0])
+    """A LoRA run's parameters with its adapters folded into their kernels, in the
+    shardings of `target`; None without a checkpoint."""
+    adapters = adapter_target(model_cfg, source, jax.tree.leaves(target)[0].sharding.mesh)
     params = restore_state_params(path / rundir.CHECKPOINT_DIR, lora.join(adapters, target),
                                   step)
     if params is None:
@@ -145,3 +139,16 @@ def _merged_run_params(path: Path, model_cfg: ModelConfig, source: LoraConfig, t
     merge = functools.partial(lora.merge, scale=source.alpha / source.rank)
     out = jax.tree.map(lambda x: x.sharding, target)
     return jax.jit(merge, out_shardings=out)(params)
+
+
+def adapter_target(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh: Mesh,
+                   dtype: Any = None) -> Any:
+    """The abstract adapters `lora_cfg` adds to `model_cfg`, replicated on `mesh` (they are
+    small), in their parameter dtype or `dtype`: the target that reads a LoRA run's adapters
+    without its base."""
+    model = registry.build_model(lora.adapted(model_cfg, lora_cfg))
+    with jax.set_mesh(mesh):
+        shapes, _ = param_shardings(model, mesh)
+    rep = sharding.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=rep),
+                        lora.split(shapes)[0])

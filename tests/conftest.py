@@ -64,6 +64,25 @@ def corpus(tmp: Path) -> Path:
     return path
 
 
+def tiny_hf_llama(directory: Path, vocab_size: int):
+    """A random tiny HF Llama (2 layers of width 32, grouped-query attention, untied
+    embeddings; weights N(0, 0.1), norms near 1) saved to `directory`; returns the model."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1) if p.ndim > 1 else p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.eval().save_pretrained(directory)
+    return model
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests under tests/e2e/ drive the CLI, whole runs or several processes: marked `e2e`
     (`pytest -m "not e2e"` runs the unit tests alone)."""

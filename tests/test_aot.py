@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from jaxlm import config as config_lib
 from jaxlm.cli import main
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -14,8 +15,8 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 @needs_libtpu
 @pytest.mark.slow
 def test_compile_reports_per_chip_memory_and_fit(capsys):
-    code = main(["compile", "--topology", "v5e:2x2", "--json", "train.batch_size=8",
-                 "mesh.data=2", "mesh.fsdp=2"])
+    overrides = ["train.batch_size=8", "mesh.data=2", "mesh.fsdp=2"]
+    code = main(["compile", "--topology", "v5e:2x2", "--json", *overrides])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["fits"] is True
     assert report["chips"] == 4 and report["mesh"] == {"data": 2, "fsdp": 2, "expert": 1,
@@ -25,6 +26,9 @@ def test_compile_reports_per_chip_memory_and_fit(capsys):
     assert report["params_bytes_per_chip"] < 0.6 * report["params"] * 4
     assert report["opt_state_bytes_per_chip"] >= 2 * report["params_bytes_per_chip"]
     assert report["flops_per_step"] >= 6 * report["params"] * 8 * 64
+    # The floor at the default config's own row length, whatever that becomes.
+    train = config_lib.load(None, overrides).train
+    assert report["flops_per_step"] >= 6 * report["params"] * train.batch_size * train.seq_len
 
 
 @needs_libtpu

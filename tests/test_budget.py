@@ -1,9 +1,11 @@
 """train.time_budget's planning arithmetic (jaxlm.train.budget): the planned step count is
-the most that fits, and the evaluations and saves it counts are those the hooks run."""
+the most that fits, and the evaluations and saves it counts are those the hooks run; a wsd
+run's re-planning from the loop's own pace."""
 
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm.optim import decay_start
 from jaxlm.train import budget, hooks
 from jaxlm.train.budget import Costs, plan_steps, predicted_seconds
 
@@ -52,3 +54,41 @@ def test_counted_evaluations_and_saves_are_the_hooks(steps, every):
         save = hooks.Checkpoint(config_lib.load(None, [f"checkpoint.every={every}"]), None,
                                 None)
         assert budget.times_due(steps, every) == _hook_runs(save, steps)
+
+
+# ------------------------------------------------------------------ re-planning (wsd)
+
+def _replan(eval_every: int = 100, save_every: int = 40, warmup: int = 10) -> budget.Replan:
+    cfg = config_lib.load(None, ["optim.schedule=wsd", f"optim.warmup_steps={warmup}",
+                                 f"train.eval_every={eval_every}",
+                                 f"checkpoint.every={save_every}"])
+    plan = budget.Plan(1000, 10**6, 300.0, COSTS, 0.0)
+    return budget.Replan(plan, cfg, None, None, None, t_start=1000.0)
+
+
+def test_replan_costs_predict_time_spent_plus_what_is_left():
+    """From the loop's clock: the pace is the wall time since the origin less the
+    evaluations and saves run in it, per step; a run of N steps is predicted to take the
+    time spent so far plus N - step steps at that pace and the hooks still due."""
+    r = _replan()
+    r.origin = (50, 1010.0)  # step 50 at 10 s into the run
+    step, now = 250, 1050.0
+    hooks_run = 2 * COSTS.eval + 5 * COSTS.save  # evaluations at 100, 200; saves 80 ... 240
+    pace = (now - 1010.0 - hooks_run) / 200
+    costs = r.costs(step, now)
+    assert costs.step == pytest.approx(pace)
+    for n in (251, 400, 1000, 1001):
+        left = ((n - step) * pace + (budget.times_due(n, 100) - 2) * COSTS.eval
+                + (budget.times_due(n, 40) - 6) * COSTS.save + COSTS.sample)
+        assert predicted_seconds(n, costs, 100, 40) == pytest.approx(now - 1000.0 + left)
+
+
+def test_replan_keeps_the_lr_so_far_and_the_whole_warmup():
+    """The fewest steps allowed at a step: decay_start (the last count at the peak) at least
+    that step, and more steps than the warmup (whose length a shorter run would change)."""
+    r = _replan(warmup=10)
+    for step in (3, 50, 400):
+        n = r.shortest_from(step)
+        assert decay_start(r.cfg.optim, n) >= step and n > 10
+        assert n == 11 or decay_start(r.cfg.optim, n - 1) < step
+    assert r.shortest_from(400) == 499  # 20% decays: 499 - floor(99.8) = 400

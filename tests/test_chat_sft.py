@@ -3,7 +3,8 @@ three templates (Llama-3-style, ChatML, one with a system prompt) with an HF BPE
 built here, and under the default template with the byte tokenizer, with the ids HF's own
 apply_chat_template gives; a token straddling scaffolding and content; packing keeps
 conversations apart; bad chat files exit 2 with one line; streamed replies equal the
-reference decoder's; the synthetic tasks are deterministic with disjoint held-out prompts."""
+reference decoder's; the synthetic tasks are deterministic with disjoint held-out prompts,
+and DPO's synthetic pairs hold out the same prompts."""
 
 import json
 
@@ -263,10 +264,32 @@ def test_chat_tasks_are_deterministic_and_heldout_prompts_unseen(tmp_path):
         assert row["messages"][-1]["content"] == row["answer"] == want
 
 
+def test_chat_preferences_hold_out_the_chat_tasks_heldout_prompts(tmp_path):
+    """DPO's synthetic pairs: held out on chat-tasks' held-out prompts (so neither SFT nor
+    DPO trains on them), chosen the right answer, rejected a wrong one; what
+    data.format=preference reads."""
+    from jaxlm.data import chat_preferences
+    from jaxlm.data.preference import read_preferences
+
+    tasks = chat_tasks.write(tmp_path / "tasks", seed=3, train_size=40, heldout_size=30)
+    prefs = chat_preferences.write(tmp_path / "prefs", seed=3, train_size=60, heldout_size=30)
+    sft_heldout = chat.read_chats([str(tasks.heldout)])
+    heldout = read_preferences([str(prefs.heldout)])
+    train = read_preferences([str(prefs.train)])
+    assert [p for p, _, _ in heldout] == [c[:-1] for c in sft_heldout]
+    assert [c for _, c, _ in heldout] == [c[-1]["content"] for c in sft_heldout]
+    asked = {m["content"] for c in sft_heldout for m in c if m["role"] == "user"}
+    assert len(train) == 60
+    assert not asked & {m["content"] for p, _, _ in train for m in p if m["role"] == "user"}
+    assert all(chosen != rejected for _, chosen, rejected in heldout + train)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["chat", "--run", "{tmp}/nowhere"], "nowhere"),
     (["prepare", "shakespeare", "--out", "{tmp}/x"], "--out and --seed apply to chat-tasks"),
     (["prepare", "chat-tasks", "--out", "{tmp}/file/x"], "cannot write the chat-tasks files"),
+    (["prepare", "chat-preferences", "--out", "{tmp}/file/x"],
+     "cannot write the chat-preferences files"),
 ])
 def test_chat_command_errors_are_one_line(argv, needle, tmp_path, capsys):
     (tmp_path / "file").write_text("")

@@ -16,7 +16,7 @@ from jaxlm.config import ConfigError, MeshConfig
 from jaxlm.data.batch import LMBatch
 from jaxlm.models import attention as attn
 from jaxlm.models import context
-from jaxlm.models.kernels import ring
+from jaxlm.models.kernels import chunked, ring
 from jaxlm.train import rundir
 
 B, T, N, K, H = 2, 32, 4, 2, 8
@@ -39,8 +39,26 @@ def _mask(kind: str, segments, zigzag: int = 0) -> attn.MaskSpec:
                          window=WINDOW if kind == "window" else 0, zigzag=zigzag)
 
 
+def _exact_attention(q, k, v, kind: str, seg) -> np.ndarray:
+    """float64 numpy: softmax(q kᵀ / √H) v under the causal mask and `kind`'s extra part,
+    query head n reading key/value head n // (N / K)."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    k, v = (np.repeat(x, N // K, axis=2) for x in (k, v))
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = np.broadcast_to(j <= i, (B, T, T))
+    if kind == "window":
+        allowed = allowed & (j > i - WINDOW)
+    if kind == "packed":
+        allowed = allowed & (seg[:, :, None] == seg[:, None, :])
+    s = np.where(allowed[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v)
+
+
 def _attention_case(strategy: str, kind: str, n: int, zigzag: bool):
-    """(context output and q/k/v gradients, reference ones), both in token order."""
+    """(context output and q/k/v gradients, reference ones, the float64 numpy output), all
+    in token order."""
     rng = np.random.default_rng(0)
     q = rng.normal(size=(B, T, N, H)).astype(np.float32)
     k, v = (rng.normal(size=(B, T, K, H)).astype(np.float32) for _ in range(2))
@@ -66,7 +84,7 @@ def _attention_case(strategy: str, kind: str, n: int, zigzag: bool):
     with jax.set_mesh(mesh):
         got = split(perm(q), perm(k), perm(v), perm(do))
     back = np.argsort(order)
-    return [np.asarray(x)[:, back] for x in got], want
+    return [np.asarray(x)[:, back] for x in got], want, _exact_attention(q, k, v, kind, seg)
 
 
 @pytest.mark.parametrize("strategy, kind, n, zigzag", [
@@ -76,16 +94,51 @@ def _attention_case(strategy: str, kind: str, n: int, zigzag: bool):
     ("allgather", "window", 8, True),
 ])
 def test_context_attention_equals_the_reference(strategy, kind, n, zigzag):
-    got, want = _attention_case(strategy, kind, n, zigzag)
+    got, want, exact = _attention_case(strategy, kind, n, zigzag)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=name)
+    np.testing.assert_allclose(got[0], exact, rtol=1e-5, atol=1e-5)  # not our reference's
+
+
+def test_ring_block_kernel_pads_chunks_that_are_not_whole_tiles():
+    """The ring's per-block kernel at a length its tile does not divide (12 tokens, tiles of
+    5) equals the reference attention over that block: output and gradients."""
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(B, 12, N, H)).astype(np.float32)
+    k, v = (rng.normal(size=(B, 12, K, H)).astype(np.float32) for _ in range(2))
+    do = rng.normal(size=(B, 12, N, H)).astype(np.float32)
+    seg = _segments(rng, B, 12)
+    spec = attn.MaskSpec(q_segment_BT=seg, kv_segment_BS=seg, causal=True)
+    out, vjp = jax.vjp(lambda *x: attn.attention(*x, spec, impl="reference"), q, k, v)
+    kw = dict(scale=H ** -0.5, block=5)
+    got, lse = chunked.block_attention(q, k, v, spec, **kw)
+    grads = chunked.block_attention_grads(q, k, v, spec, got, lse, do, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *grads), (out, *vjp(do))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_zigzag_order_and_its_inverse():
+    """Shard i holds chunks i and 2n-1-i; the batch's fields move together, positions with
+    them; an all-gather of the shards goes back to token order."""
+    assert ring.Layout(2, 2).order(8).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
+    assert ring.Layout(4, 2).order(8).tolist() == [0, 7, 1, 6, 2, 5, 3, 4]
+    assert ring.Layout(4, 1).order(8).tolist() == list(range(8))
+    tokens = np.arange(10, 18, dtype=np.int32)[None]
+    batch = context.zigzag_batch(LMBatch(inputs=tokens, targets=tokens + 1,
+                                         loss_mask=np.ones((1, 8), np.float32)), 2)
+    assert np.asarray(batch.positions).tolist() == [[0, 1, 6, 7, 2, 3, 4, 5]]
+    np.testing.assert_array_equal(batch.inputs, 10 + batch.positions)
+    np.testing.assert_array_equal(batch.targets, 11 + batch.positions)
+    for layout in (ring.Layout(4, 2), ring.Layout(3, 1)):
+        x = np.arange(24).reshape(1, 24)
+        np.testing.assert_array_equal(layout.to_tokens(x[:, layout.order(24)]), x)
 
 
 def test_zigzag_gives_every_shard_the_same_causal_work():
     settings = lambda chunks: ring.Ring(axis=("context",), layout=ring.Layout(8, chunks),
                                         causal=True, window=0, scale=1.0, cap=0.0, block=64)
-    contiguous = ring.tiles_visited(settings(1), 8192)
-    zigzag = ring.tiles_visited(settings(2), 8192)
+    contiguous = ring.pairs_computed(settings(1), 8192)
+    zigzag = ring.pairs_computed(settings(2), 8192)
     assert contiguous.sum() == zigzag.sum()  # the same causal triangle in all
     assert contiguous[-1] > 10 * contiguous[0]  # the last shard sees every key
     assert zigzag.max() == zigzag.min()
@@ -122,7 +175,8 @@ def _batches(kind: str, steps: int = 5, rows: int = 8, length: int = 32) -> list
     return out
 
 
-def _train(kind: str, mesh: dict[str, int], extra=()):
+def _train(kind: str, mesh: dict[str, int], extra=(), lowered: bool = False):
+    """(losses, final parameters) of five steps; with `lowered`, also the step's StableHLO."""
     cfg = config_lib.load(None, [*MODEL, *KINDS[kind], *extra,
                                  *(f"mesh.{a}={mesh.get(a, 1)}" for a in
                                    ("data", "fsdp", "tensor", "context"))])
@@ -133,7 +187,8 @@ def _train(kind: str, mesh: dict[str, int], extra=()):
         for batch in _batches(kind):
             state, m = s.train_step(state, sharding.host_batch_to_global(batch, s.mesh))
             losses.append(m["loss"])
-        return np.array(jax.device_get(losses)), jax.device_get(state.params)
+        out = np.array(jax.device_get(losses)), jax.device_get(state.params)
+    return (*out, s.lower().as_text()) if lowered else out
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +210,14 @@ def one_device():
     else "+".join(e.split(".")[-1] for e in x) if isinstance(x, list) else x)
 def test_context_meshes_train_as_one_device(one_device, kind, mesh, strategy, extra):
     ref_losses, ref_params = one_device[kind]
-    losses, params = _train(kind, mesh, [f"model.context_attention={strategy}", *extra])
+    losses, params, hlo = _train(kind, mesh, [f"model.context_attention={strategy}", *extra],
+                                 lowered=True)
+    # The sequence stays split: the shards trade keys and values themselves (before XLA adds
+    # the collectives its own sharding needs, e.g. fsdp's).
+    if strategy == "ring":
+        assert "collective_permute" in hlo and "all_gather" not in hlo
+    else:
+        assert "all_gather" in hlo and "collective_permute" not in hlo
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     # atol: at init the query kernel's gradient is ~1e-4 of the others'; Adam normalises it,
     # so its summation-order noise (~1e-11) moves a few of its elements by up to ~2e-6.

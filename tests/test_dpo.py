@@ -19,6 +19,7 @@ from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.setup import build
 
 BETA = 0.3
+SFT_WEIGHT = 0.5
 
 
 def _np_log_sigmoid(x):
@@ -53,6 +54,27 @@ def test_dpo_loss_and_gradient_equal_float64_numpy(eps):
                            beta=BETA, label_smoothing=eps)
     np.testing.assert_allclose(c, rew_c, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(r, rew_r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.7])
+def test_rpo_loss_and_gradient_equal_float64_numpy(w):
+    """DPO + w · the chosen responses' NLL per token (over the whole batch's tokens)."""
+    rng = np.random.default_rng(3)
+    pc, pr, rc, rr = (rng.normal(-20, 5, 16) for _ in range(4))
+    tokens = rng.integers(1, 12, 16).astype(np.float64)
+    dpo_mean, g_c, g_r, _, _ = _np_dpo(pc, pr, rc, rr, BETA, 0.0)
+    nll = -pc.sum() / tokens.sum()
+
+    def total(a, b):
+        losses, _, _ = dpo.dpo_loss(a, b, jnp.float32(rc), jnp.float32(rr), beta=BETA)
+        return dpo.rpo_loss(losses, a, jnp.float32(tokens), sft_weight=w)
+
+    (got, got_nll), (got_c, got_r) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+        jnp.float32(pc), jnp.float32(pr))
+    np.testing.assert_allclose(got, dpo_mean + w * nll, rtol=1e-5)
+    np.testing.assert_allclose(got_nll, nll, rtol=1e-5)
+    np.testing.assert_allclose(got_c, g_c - w / tokens.sum(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got_r, g_r, rtol=1e-4, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +120,34 @@ def test_whole_loss_and_gradient_from_model_logits_equal_float64_numpy(tiny):
     np.testing.assert_allclose(sums["dpo_reward_margin_sum"] / B, (rew_c - rew_r).mean(),
                                rtol=1e-4, atol=1e-5)
     assert float(sums["dpo_accuracy_sum"]) == np.sum(rew_c > rew_r)
+    chosen_tokens = batch.chosen.loss_mask.sum()
+    nll = -lp["pol", "chosen"][0].sum() / chosen_tokens  # per response token, float64
+    np.testing.assert_allclose(sums["dpo_chosen_nll_sum"] / B, nll, rtol=1e-5)
+    # RPO (dpo.sft_weight): the same DPO metrics, the loss (and eval_loss) adds w · NLL.
+    got_w, sums_w = jax.jit(lambda p: dpo.preference_loss(apply, p, filled, beta=BETA,
+                                                          sft_weight=SFT_WEIGHT))(policy)
+    np.testing.assert_allclose(got_w, loss + SFT_WEIGHT * nll, rtol=1e-5)
+    np.testing.assert_allclose(sums_w["nll_sum"] / B, loss + SFT_WEIGHT * nll, rtol=1e-5)
+    assert float(sums_w["dpo_accuracy_sum"]) == float(sums["dpo_accuracy_sum"])
 
-    # Its gradient w.r.t. the logits: dL/dlogp · mask · (onehot - softmax), in float64.
-    def from_logits(lc, lr):
+    # Its gradient w.r.t. the logits: dL/dlogp · mask · (onehot - softmax), in float64; the
+    # NLL term adds -w / (chosen tokens) to dL/dlogp of every chosen row.
+    def from_logits(lc, lr, w):
         pc = dpo.sequence_logps(lc, batch.chosen.targets, batch.chosen.loss_mask)
         pr = dpo.sequence_logps(lr, batch.rejected.targets, batch.rejected.loss_mask)
-        return dpo.dpo_loss(pc, pr, filled.ref_chosen_logp, filled.ref_rejected_logp,
-                            beta=BETA)[0].mean()
+        losses = dpo.dpo_loss(pc, pr, filled.ref_chosen_logp, filled.ref_rejected_logp,
+                              beta=BETA)[0]
+        return dpo.rpo_loss(losses, pc, batch.chosen.loss_mask.sum(-1), sft_weight=w)[0]
 
-    grads = jax.jit(jax.grad(from_logits, argnums=(0, 1)))(logits["pol", "chosen"],
-                                                           logits["pol", "rejected"])
-    for side, g_seq, got_g in (("chosen", g_c, grads[0]), ("rejected", g_r, grads[1])):
-        rows, probs = getattr(batch, side), lp["pol", side][1]
-        onehot = np.eye(probs.shape[-1])[rows.targets]
-        want = g_seq[:, None, None] * rows.loss_mask[..., None] * (onehot - probs)
-        np.testing.assert_allclose(got_g, want, atol=2e-6)
+    for w in (0.0, SFT_WEIGHT):
+        grads = jax.jit(jax.grad(from_logits, argnums=(0, 1)), static_argnums=2)(
+            logits["pol", "chosen"], logits["pol", "rejected"], w)
+        for side, g_seq, got_g in (("chosen", g_c - w / chosen_tokens, grads[0]),
+                                   ("rejected", g_r, grads[1])):
+            rows, probs = getattr(batch, side), lp["pol", side][1]
+            onehot = np.eye(probs.shape[-1])[rows.targets]
+            want = g_seq[:, None, None] * rows.loss_mask[..., None] * (onehot - probs)
+            np.testing.assert_allclose(got_g, want, atol=2e-6)
 
     # And through the parameters: a central difference along a random direction.
     @jax.jit
@@ -184,6 +219,7 @@ def test_reference_is_frozen_and_outside_the_optimizer(tiny):
     # Step 1: the policy is the reference, so rewards are 0 and the loss is log 2.
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["dpo_reward_margin"] == 0 and rows[0]["dpo_accuracy"] == 0
+    assert rows[0]["dpo_chosen_nll"] > 0  # per chosen response token
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["dpo_accuracy"] > 0
     after = jax.device_get(state)
     for a, b in zip(jax.tree.leaves(after.ref_params), jax.tree.leaves(start)):
@@ -193,7 +229,25 @@ def test_reference_is_frozen_and_outside_the_optimizer(tiny):
     # Held-out evaluation reads the reference too: same metrics family as training.
     with jax.set_mesh(setup.mesh):
         sums = jax.device_get(setup.eval_step(setup.eval_inputs(state), batch, 0))
-    assert {"dpo_accuracy_sum", "dpo_reward_margin_sum", "dpo_chosen_reward_sum"} <= set(sums)
+    assert {"dpo_accuracy_sum", "dpo_reward_margin_sum", "dpo_chosen_reward_sum",
+            "dpo_chosen_nll_sum"} <= set(sums)
+
+
+def test_sft_weight_from_the_config_adds_the_chosen_nll(tiny):
+    """dpo.sft_weight reaches the run's loss: before any step (policy = reference, every
+    reward 0) a pair's loss is log 2 + sft_weight · the chosen responses' NLL."""
+    _, _, host = tiny
+    cfg = config_lib.load(None, [*TINY_MODEL, "train.objective=dpo", "data.files=p.jsonl",
+                                 f"dpo.beta={BETA}", f"dpo.sft_weight={SFT_WEIGHT}"])
+    setup = build(cfg)
+    with jax.set_mesh(setup.mesh):
+        state = setup.init_state()
+        batch = sharding.host_batch_to_global(host, setup.mesh)
+        sums = jax.device_get(setup.eval_step(setup.eval_inputs(state), batch, 0))
+    pairs = float(sums["num_tokens"])
+    nll = sums["dpo_chosen_nll_sum"] / pairs
+    assert nll > 1.0  # an untrained model: about log(vocabulary) nats a token
+    assert sums["nll_sum"] / pairs == pytest.approx(math.log(2) + SFT_WEIGHT * nll, rel=1e-5)
 
 
 BAD = {"no-chosen": {"prompt": "a", "rejected": "b"},
@@ -220,11 +274,13 @@ def test_dpo_config_mismatches_exit_2(tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "x", "chosen": "y", "rejected": "z"}) + "\n")
     for extra, needle in ((["data.format=text"], "data.format"), (["dpo.beta=0"], "dpo.beta"),
-                          (["data.pack=true"], "data.pack")):
+                          (["data.pack=true"], "data.pack"),
+                          (["dpo.sft_weight=-0.5"], "dpo.sft_weight")):
         code = main(["train", f"run.dir={tmp_path / 'run'}", "train.objective=dpo",
                      f"data.files={path}", "run.quiet=true", *extra, *TINY_MODEL])
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run").exists()
 
 
 def test_preference_batch_shards_like_other_batches(tiny):
@@ -249,19 +305,26 @@ def test_with_lora_the_reference_is_the_base_without_adapters(tiny):
     setup = build(cfg)
     assert not hasattr(setup.state_shardings, "ref_params")
     state = setup.init_state()
+    assert lora.has_adapters(state.params)
 
     @jax.jit
-    def reference_logps(params, batch):
-        return dpo.with_reference_logps(setup.model.apply, lora.without_adapters(params),
-                                        batch).ref_chosen_logp
+    def reference_and_policy_logps(state, batch):
+        """The chosen responses' log-probabilities under the run's own reference
+        (setup.reference, as its train step reads it) and under the policy."""
+        ref = dpo.with_reference_logps(setup.model.apply, setup.reference(state), batch)
+        return ref.ref_chosen_logp, dpo.response_logps(setup.model.apply, state.params,
+                                                       batch.chosen)
 
     with jax.set_mesh(setup.mesh):
         batch = sharding.host_batch_to_global(host, setup.mesh)
-        ref_before = jax.device_get(reference_logps(state.params, batch))
+        ref_before, policy_before = jax.device_get(reference_and_policy_logps(state, batch))
         losses = []
         for _ in range(3):
             state, metrics = setup.train_step(state, batch)
             losses.append(float(metrics["loss"]))
-        ref_after = jax.device_get(reference_logps(state.params, batch))
+        ref_after, policy_after = jax.device_get(reference_and_policy_logps(state, batch))
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
     np.testing.assert_array_equal(ref_after, ref_before)
+    # The adapters (B zero at the start) moved the policy and only the policy.
+    np.testing.assert_array_equal(policy_before, ref_before)
+    assert np.abs(policy_after - ref_after).max() > 1e-4

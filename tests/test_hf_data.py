@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY_SHAPE
 
 from jaxlm.config import load
+from jaxlm.data import position as data_position
 from jaxlm.data import setup as data_setup
 from jaxlm.data import stream
 from jaxlm.data.errors import DataError
@@ -127,9 +128,11 @@ def test_a_stream_reads_on_from_its_cursor_exactly(tmp_path, monkeypatch, kind):
     assert epochs == {0, 1, 2}
     longest = max(len(d.encode()) for d in docs) + 1
     for stop in (3, 40, n - 2):
-        cursor = json.loads(json.dumps(whole.state(stop)))
+        # The checkpoint's data item, through JSON, as the loop saves and restores it.
+        item = json.loads(json.dumps(data_position.saved(whole, stop)))
+        assert item == {"position": stop, "cursors": [whole.state(stop)]}
         resumed = stream.streams(cfg, tok, 1, 2).train
-        resumed.resume(stop, cursor)
+        assert data_position.restore(resumed, item, step=0) == stop
         for p in range(stop, n):
             np.testing.assert_array_equal(resumed.batch(p).inputs, straight[p])
         assert resumed.tokens_read <= (n - stop) * 4 * 32 + 32 + 2 * longest

@@ -1,6 +1,8 @@
 """LoRA: the adapter model equals HF PEFT with the same adapter weights on a converted Llama;
 adapters shard like their kernels and train on every family over an fsdp × tensor mesh while
-the base stays bit-identical; the optimizer state holds the adapters alone; a checkpointed
+the base stays bit-identical; the optimizer state holds the adapters alone; fresh adapters
+start at the base model (B zero, A PEFT-random) and lora.dropout=0 is off; lora.train_also
+=[embed] trains the embeddings too, and a CLI run's merged load holds them; a checkpointed
 run resumes bit-exactly; a CLI run from an HF directory lowers the loss, and its merged
 exports (jaxlm and HF) and its PEFT export give the adapter model's logits; bad lora keys
 exit 2 with one line."""
@@ -14,7 +16,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY_MODEL, corpus
+from conftest import TINY_MODEL, TINY_SHAPE, corpus, tiny_hf_llama
 
 import jaxlm
 from jaxlm import config as config_lib
@@ -37,17 +39,7 @@ MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 def hf_llama(tmp_path_factory):
     """A random tiny HF Llama directory (grouped-query attention, untied embeddings)."""
     hf = tmp_path_factory.mktemp("lora") / "hf"
-    config = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1) if p.ndim > 1 else p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.eval().save_pretrained(hf)
-    return hf, model
+    return hf, tiny_hf_llama(hf, V)
 
 
 def _tokens(seed: int = 0) -> np.ndarray:
@@ -117,10 +109,10 @@ def test_adapter_model_equals_hf_peft(hf_llama):
                                   np.asarray(build_model(cfg).apply({"params": base}, tokens)))
 
 
-def _cfg(preset: str, targets: list[str]):
+def _cfg(preset: str, targets: list[str], *extra: str):
     over = [*TINY_MODEL, f"model.preset={preset}", f"lora.rank={R}", f"lora.alpha={ALPHA}",
             f"lora.targets=[{','.join(targets)}]", "lora.dropout=0.1", "optim.lr=1e-2",
-            "optim.warmup_steps=0", *MESH]
+            "optim.warmup_steps=0", *MESH, *extra]
     return config_lib.load(None, over)
 
 
@@ -189,6 +181,92 @@ def test_optimizer_state_holds_the_adapters_alone():
     assert 0 <= lora_opt - 2 * state_bytes(adapters) < 64
     assert 0 <= full_opt - 2 * state_bytes(full.abstract_state.params) < 64
     assert state_bytes(base) == state_bytes(full.abstract_state.params)
+
+
+def test_fresh_adapters_start_at_the_base_and_zero_dropout_is_off():
+    """A run's fresh adapters (GPT-2, every target): B is zero, so the adapted model is its
+    base; A is PEFT's Kaiming-uniform U(±1/sqrt(fan_in)), every entry random. lora.dropout=0
+    makes the training forward the eval one; a positive rate does not."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 11)))  # TINY_MODEL ids
+    outputs = {}
+    for rate in (0.0, 0.5):
+        cfg = config_lib.load(None, [*TINY_MODEL, "model.preset=gpt2", f"lora.rank={R}",
+                                     f"lora.targets=[{','.join(ALL)}]", f"lora.dropout={rate}"])
+        s = setup.build(cfg)
+        params = jax.device_get(s.init_state().params)
+        adapters, base = lora.split(params)
+        flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
+        assert len(flat) == 2 * len(ALL) * (1 if cfg.model.scan_layers else cfg.model.num_layers)
+        for path, leaf in flat:
+            if str(path[-1].key) == "lora_b":
+                assert not np.any(leaf), path
+                continue
+            fan_in = cfg.model.d_ff if "wo" in str(path) else cfg.model.d_model
+            bound = 1 / np.sqrt(fan_in)
+            assert np.all(leaf != 0) and np.abs(leaf).max() <= bound, path
+            assert 0.8 < leaf.std() / (bound / np.sqrt(3)) < 1.2, path
+        plain = build_model(cfg.model).apply({"params": base}, tokens)
+        np.testing.assert_allclose(np.asarray(s.model.apply({"params": params}, tokens)),
+                                   np.asarray(plain), atol=1e-6, rtol=0)
+        # Trained B (random here): dropout on the adapters' input acts only while training.
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: np.random.default_rng(0).normal(0, 0.5, x.shape).astype(x.dtype)
+            if str(p[-1].key) == "lora_b" else x, params)
+        evaluated = s.model.apply({"params": params}, tokens, deterministic=True)
+        trained = s.model.apply({"params": params}, tokens, deterministic=False,
+                                rngs={"dropout": jax.random.PRNGKey(0)})
+        outputs[rate] = np.abs(np.asarray(trained) - np.asarray(evaluated)).max()
+        assert np.abs(np.asarray(evaluated) - np.asarray(plain)).max() > 1e-2  # B matters
+    assert outputs[0.0] == 0 and outputs[0.5] > 1e-2, outputs
+
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def test_train_also_embed_trains_the_embeddings_beside_the_adapters():
+    """lora.train_also=[embed]: the adapters and the token and position tables train (and
+    alone have Adam moments); every other parameter stays bit-identical."""
+    s = setup.build(_cfg("gpt2", ALL, "lora.train_also=[embed]"))
+    trains = lambda names: names[-1] in ("lora_a", "lora_b", "embedding", "pos_embed")
+    state = s.init_state()
+    before = jax.device_get(state.params)
+    batch = sharding.host_batch_to_global(s.synthetic_batch(np.random.default_rng(0)),
+                                          s.mesh)
+    with jax.set_mesh(s.mesh):
+        for _ in range(2):  # A moves from the second step on (B starts at zero)
+            state, metrics = s.train_step(state, batch)
+    assert int(metrics["bad_step"]) == 0
+    after = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    old = jax.tree.leaves(before)
+    layers = 1 if s.cfg.model.scan_layers else s.cfg.model.num_layers  # stacked or not
+    assert sum(trains(_names(p)) for p, _ in after) == 2 * len(ALL) * layers + 2
+    for (path, new), prev in zip(after, old, strict=True):
+        assert bool(np.any(new != prev)) == trains(_names(path)), _names(path)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        if leaf.ndim:
+            assert trains(_names(path)), path
+
+
+@pytest.mark.slow
+def test_cli_run_with_trained_embeddings_loads_them_merged(tmp_path):
+    """The user's path: `jaxlm train` with lora.train_also=[embed], then jaxlm.load: the
+    merged model equals the adapter model and holds the trained embeddings, while a frozen
+    parameter is still the run's initial one."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY_SHAPE, "model.preset=gpt2", f"data.files={corpus(tmp_path)}",
+                 f"run.dir={run}", f"lora.rank={R}", "lora.targets=[query,value]",
+                 "lora.train_also=[embed]", "train.steps=4", "train.eval_every=0",
+                 "checkpoint.every=4", "optim.lr=1e-2", "optim.warmup_steps=0",
+                 "run.quiet=true"]) == 0
+    tokens = _tokens(3)  # byte ids
+    loaded = jaxlm.load(run)
+    np.testing.assert_allclose(np.asarray(loaded(tokens)), _adapter_logits(run, tokens),
+                               atol=1e-5, rtol=0)
+    init = jax.device_get(setup.build(rundir.load_config(run)).init_state().params)
+    got = jax.device_get(loaded.params)
+    assert np.abs(got["embed"]["embedding"] - init["embed"]["embedding"]).max() > 1e-3
+    np.testing.assert_array_equal(got["ln_final"]["scale"], init["ln_final"]["scale"])
 
 
 @pytest.mark.slow
@@ -312,6 +390,9 @@ def test_peft_export_loads_in_peft(hf_llama, lora_run, tmp_path):
     (["lora.rank=4", "lora.dropout=1.5"], "lora.dropout"),
     (["lora.rnak=4"], "lora.rank"),
     (["lora.rank=4", "lora.targets=[mlp_in]", "model.preset=mixtral-tiny"], "expert"),
+    (["lora.rank=4", "lora.train_also=[norms]"], "lora.train_also"),
+    (["lora.rank=4", "lora.train_also=[embed]", "train.objective=dpo",
+      "data.name=chat-preferences"], "lora.train_also with train.objective=dpo"),
 ])
 def test_bad_lora_keys_exit_2_with_one_line(tmp_path, capsys, argv, needle):
     run = tmp_path / "run"
@@ -322,12 +403,16 @@ def test_bad_lora_keys_exit_2_with_one_line(tmp_path, capsys, argv, needle):
     assert not run.exists()
 
 
-def test_adapters_only_refuses_a_run_without_adapters(tmp_path, capsys):
+@pytest.mark.parametrize("over, needle", [
+    ([], "lora.rank=0"),  # no adapters
+    (["lora.rank=4", "lora.train_also=[embed]"], "lora.train_also"),  # not adapters alone
+])
+def test_adapters_only_refuses_a_run_without_adapters(tmp_path, capsys, over, needle):
     (tmp_path / "run").mkdir()
-    cfg = config_lib.load(None, TINY_MODEL)
+    cfg = config_lib.load(None, [*TINY_MODEL, *over])
     rundir.write_config(tmp_path / "run", cfg)
     code = main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "o"),
                  "--adapters-only"])
     err = capsys.readouterr().err
-    assert code == 2 and "lora.rank=0" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()

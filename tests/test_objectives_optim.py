@@ -1,6 +1,7 @@
 """Loss against a hand computation; masked-LM masking (rate, 80/10/10 split, re-masking per
 step); the learning-rate schedule; weight-decay masking."""
 
+import dataclasses
 import functools
 import math
 import types
@@ -9,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxlm.config import OptimConfig
 from jaxlm.data.batch import MLMBatch
 from jaxlm.objectives import cross_entropy, mask_tokens, masked_lm_loss
-from jaxlm.optim import decay_mask, lr_schedule
+from jaxlm.optim import decay_mask, decay_start, lr_schedule
 from jaxlm.train.state import TrainState
 from jaxlm.train.step import make_train_step
 
@@ -75,6 +77,40 @@ def test_schedule_equals_optax_warmup_cosine_for_static_and_traced_step_counts()
         counts = np.arange(total + 3)
         ours = jax.jit(lambda c, t: jax.vmap(lr_schedule(cfg, t))(c))(counts, total)
         np.testing.assert_allclose(ours, [reference(c) for c in counts], rtol=1e-5, atol=1e-9)
+
+
+def _wsd_float64(cfg: OptimConfig, total: int, count: int) -> float:
+    """Warmup-stable-decay written out in float64: warmup as the cosine schedule's, the peak
+    held, then a line to lr * min_lr_ratio over the last floor(decay_fraction * total)
+    steps (at least one)."""
+    warmup = min(cfg.warmup_steps, max(total - 1, 0))
+    start = max(total - max(math.floor(cfg.decay_fraction * total), 1), warmup)
+    if count < warmup:
+        return cfg.lr * count / max(warmup, 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    return cfg.lr + (end - cfg.lr) * min(max((count - start) / max(total - start, 1), 0), 1)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 1.0])
+def test_wsd_schedule_equals_a_float64_reference_and_holds_the_peak_until_decay_start(fraction):
+    cfg = OptimConfig(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd",
+                      decay_fraction=fraction)
+    for total in (1, 5, 11, 40, 301, 8295):
+        counts = np.arange(total + 3)
+        ours = np.asarray(jax.jit(lambda c, t: jax.vmap(lr_schedule(cfg, t))(c))(counts, total))
+        np.testing.assert_allclose(ours, [_wsd_float64(cfg, total, c) for c in counts],
+                                   rtol=1e-5, atol=1e-9)
+        start = decay_start(cfg, total)
+        if cfg.warmup_steps < start < total:  # held through `start`, falling right after
+            assert ours[start] == np.float32(cfg.lr) > ours[start + 1]
+    # The host's decay_start is the compiled schedule's for every count (float32 alike; 0.7
+    # is no float32 number, and 0.7 * total lands near integers).
+    cfg = dataclasses.replace(cfg, decay_fraction=0.7)
+    totals = np.arange(12, 3000)
+    starts = np.array([decay_start(cfg, int(t)) for t in totals])
+    around = jax.jit(jax.vmap(lambda t, c: jax.vmap(lr_schedule(cfg, t))(c + jnp.arange(2))))
+    lrs = np.asarray(around(totals, starts))
+    assert (lrs[:, 0] == np.float32(cfg.lr)).all() and (lrs[:, 1] < lrs[:, 0]).all()
 
 
 def test_weight_decay_only_on_kernels():

@@ -21,14 +21,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxlm import lora, sharding
+from jaxlm import lora, sharding, weights
 from jaxlm.checkpoint import CheckpointError, restore_state_params
 from jaxlm.config import Config, ConfigError, MeshConfig
 from jaxlm.convert import ConversionError, family_module
 from jaxlm.convert.hf import hf_model_type
-from jaxlm.families import registry
+from jaxlm.data.paths import as_path
 from jaxlm.train import rundir
-from jaxlm.train.state import param_shardings
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -38,12 +37,8 @@ def read_adapters(run_dir: str | Path, cfg: Config, step: int | None = None) -> 
     """The run's adapters alone (float32, one device), from its newest checkpoint or `step`;
     the base weights are not read."""
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = registry.build_model(lora.adapted(cfg.model, cfg.lora))
-    with jax.set_mesh(mesh):
-        shapes, shardings = param_shardings(model, mesh)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=s),
-                          lora.split(shapes)[0], lora.split(shardings)[0])
-    adapters = restore_state_params(Path(run_dir) / rundir.CHECKPOINT_DIR, target, step)
+    target = weights.adapter_target(cfg.model, cfg.lora, mesh, np.float32)
+    adapters = restore_state_params(as_path(run_dir) / rundir.CHECKPOINT_DIR, target, step)
     if adapters is None:
         raise CheckpointError(f"no checkpoint in {run_dir}")
     return jax.device_get(adapters)
@@ -98,12 +93,16 @@ def save_adapters(run_dir: str | Path, out_dir: str | Path, step: int | None = N
 
     from jaxlm.convert.run import _check_out, _publish, _staging
 
-    out = Path(out_dir)
+    out = as_path(out_dir)
     _check_out(out)
     cfg = rundir.load_config(run_dir)
     if not cfg.lora.rank:
         raise ConfigError(f"{run_dir} trains no LoRA adapters (lora.rank=0); export it "
                           "without --adapters-only")
+    if cfg.lora.train_also:
+        raise ConfigError(f"{run_dir} also trained {', '.join(cfg.lora.train_also)} whole "
+                          "(lora.train_also), which PEFT adapters alone do not hold; export "
+                          "the merged model without --adapters-only")
     model_type = hf_model_type(cfg.model)
     converter = family_module(model_type, family=cfg.model.family)
     if not hasattr(converter, "peft_module"):

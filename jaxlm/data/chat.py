@@ -24,16 +24,14 @@ content (<|im_end|>, <|eot_id|>, </s>)."""
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxlm.data import chat_template
+from jaxlm.data import chat_template, pipeline
 from jaxlm.data.errors import DataError
-from jaxlm.data.paths import as_path
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
@@ -81,23 +79,7 @@ def check_messages(record: Any, where: str) -> Messages:
 def read_chats(files: Sequence[str]) -> list[Messages]:
     """The conversations of chat JSON lines files (local or cloud), in order; a bad line
     is a DataError naming its file and line."""
-    chats = []
-    for f in files:
-        try:
-            text = as_path(f).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read '{f}': {e}") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{n}: not a JSON object ({e.msg})") from None
-            chats.append(check_messages(record, f"{f}:{n}"))
-    if not chats:
-        raise DataError(f"no conversations in {', '.join(files)}")
-    return chats
+    return pipeline.read_json_lines(list(files), check_messages, "conversations")
 
 
 # ---------------------------------------------------------------- rendering

@@ -11,8 +11,6 @@ them."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,30 +54,15 @@ def pairs(examples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
 def write(out_dir: str | Path, seed: int = 0, train_size: int = TRAIN_SIZE,
           heldout_size: int = chat_tasks.HELDOUT_SIZE) -> chat_tasks.ChatTaskFiles:
     """Writes heldout.jsonl (chat-tasks' held-out prompts) and train.jsonl (other prompts)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     heldout = chat_tasks.examples(seed, heldout_size)
-    asked = {m["content"] for ex in heldout for m in ex["messages"] if m["role"] == "user"}
-    train = chat_tasks.examples(seed + 2, train_size, exclude=asked)
-    files = chat_tasks.ChatTaskFiles(out / "train.jsonl", out / "heldout.jsonl")
-    for path, rows in ((files.heldout, pairs(heldout, seed)), (files.train, pairs(train, seed))):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)  # whole or absent
-    return files
+    train = chat_tasks.examples(seed + 2, train_size, exclude=chat_tasks.user_prompts(heldout))
+    return chat_tasks.write_files(out_dir, NAME, pairs(train, seed), pairs(heldout, seed))
 
 
 def default_dir(seed: int = 0) -> Path:
-    from jaxlm.data.prepare import cache_dir
-
-    # chat_tasks.VERSION in the name: pairs of another generator are never reused
-    return cache_dir() / "synthetic" / f"{NAME}-v{chat_tasks.VERSION}-seed{seed}"
+    return chat_tasks.default_dir(seed, NAME)
 
 
 def ensure(seed: int = 0) -> chat_tasks.ChatTaskFiles:
     """The default files of `seed` (under $JAXLM_CACHE/synthetic), written if missing."""
-    d = default_dir(seed)
-    files = chat_tasks.ChatTaskFiles(d / "train.jsonl", d / "heldout.jsonl")
-    if files.train.is_file() and files.heldout.is_file():
-        return files
-    return write(d, seed)
+    return chat_tasks.ensure_files(default_dir(seed), lambda d: write(d, seed))

@@ -87,40 +87,60 @@ def examples(seed: int, n: int, exclude: Iterable[str] = ()) -> list[dict[str, A
     return out
 
 
+def user_prompts(conversations: Iterable[dict[str, Any]]) -> set[str]:
+    """Every user turn's text of the conversations (as `examples` makes them)."""
+    return {m["content"] for ex in conversations for m in ex["messages"] if m["role"] == "user"}
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)  # whole or absent
 
 
-def write(out_dir: str | Path, seed: int = 0, train_size: int = TRAIN_SIZE,
-          heldout_size: int = HELDOUT_SIZE) -> ChatTaskFiles:
-    """Writes heldout.jsonl and train.jsonl (whose prompts avoid the held-out ones)."""
+def files_in(out_dir: str | Path) -> ChatTaskFiles:
     out = Path(out_dir)
-    heldout = examples(seed, heldout_size)
-    asked = {m["content"] for ex in heldout for m in ex["messages"] if m["role"] == "user"}
-    train = examples(seed + 1, train_size, exclude=asked)
-    files = ChatTaskFiles(out / "train.jsonl", out / "heldout.jsonl")
+    return ChatTaskFiles(out / "train.jsonl", out / "heldout.jsonl")
+
+
+def write_files(out_dir: str | Path, name: str, train: list[dict[str, Any]],
+                heldout: list[dict[str, Any]]) -> ChatTaskFiles:
+    """Writes the rows of a synthetic set `name` as train.jsonl and heldout.jsonl."""
+    files = files_in(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        files.train.parent.mkdir(parents=True, exist_ok=True)
         _write_jsonl(files.heldout, heldout)
         _write_jsonl(files.train, train)
     except OSError as e:
-        raise DataError(f"cannot write the {NAME} files to '{out}' ({e.strerror or e})"
+        raise DataError(f"cannot write the {name} files to '{out_dir}' ({e.strerror or e})"
                         ) from None
     return files
 
 
-def default_dir(seed: int = 0) -> Path:
+def write(out_dir: str | Path, seed: int = 0, train_size: int = TRAIN_SIZE,
+          heldout_size: int = HELDOUT_SIZE) -> ChatTaskFiles:
+    """Writes heldout.jsonl and train.jsonl (whose prompts avoid the held-out ones)."""
+    heldout = examples(seed, heldout_size)
+    train = examples(seed + 1, train_size, exclude=user_prompts(heldout))
+    return write_files(out_dir, NAME, train, heldout)
+
+
+def default_dir(seed: int = 0, name: str = NAME) -> Path:
+    """Where data.name=`name` keeps the files of `seed`; VERSION in the name, so that files
+    of another generator are never reused."""
     from jaxlm.data.prepare import cache_dir
 
-    return cache_dir() / "synthetic" / f"{NAME}-v{VERSION}-seed{seed}"
+    return cache_dir() / "synthetic" / f"{name}-v{VERSION}-seed{seed}"
+
+
+def ensure_files(out_dir: Path, write_to: Callable[[Path], ChatTaskFiles]) -> ChatTaskFiles:
+    """The files in `out_dir`, written by `write_to(out_dir)` if missing."""
+    files = files_in(out_dir)
+    if files.train.is_file() and files.heldout.is_file():
+        return files
+    return write_to(out_dir)
 
 
 def ensure(seed: int = 0) -> ChatTaskFiles:
     """The default files of `seed` (under $JAXLM_CACHE/synthetic), written if missing."""
-    d = default_dir(seed)
-    files = ChatTaskFiles(d / "train.jsonl", d / "heldout.jsonl")
-    if files.train.is_file() and files.heldout.is_file():
-        return files
-    return write(d, seed)
+    return ensure_files(default_dir(seed), lambda d: write(d, seed))

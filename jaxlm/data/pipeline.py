@@ -6,6 +6,7 @@ documents, prompt -> answer rows) and (source, target) pairs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ import numpy as np
 from jaxlm.data.batch import Batch, seq2seq_batch, take_rows
 from jaxlm.data.errors import DataError
 from jaxlm.data.loader import Examples, GrainBatches, read_windows, window_starts
-from jaxlm.data.paths import expand_files
+from jaxlm.data.paths import as_path, expand_files
 
 __all__ = ["DataError", "expand_files"]
 
@@ -85,6 +86,31 @@ def pack_documents(docs: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray
     return {"inputs": grid(inputs), "targets": grid(targets), "segment_ids": seg,
             "positions": (idx - last_start).astype(np.int32),
             "loss_mask": (seg > 0).astype(np.float32)}
+
+
+def read_json_lines(files: list[str], parse: Callable[[Any, str], Any], what: str,
+                    where: str = "{file}:{line}") -> list[Any]:
+    """parse(record, where) of every JSON line of the files (local or cloud), in order;
+    `where` names a line in errors. DataError for an unreadable file, a line that is not
+    JSON, or no lines at all (`what`: what the files should hold)."""
+    out = []
+    for f in files:
+        try:
+            text = as_path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read '{f}': {e}") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            at = where.format(file=f, line=n)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{at}: not a JSON object ({e.msg})") from None
+            out.append(parse(record, at))
+    if not out:
+        raise DataError(f"no {what} in {', '.join(files)}")
+    return out
 
 
 def read_pairs(files: list[str], source_field: str, target_field: str) -> list[tuple[str, str]]:

@@ -33,8 +33,7 @@ def gather_json(obj: Any) -> list[Any]:
 def saved(source: Any, position: int) -> dict[str, Any]:
     """The checkpoint's data item at `position`. All processes call it at the same step,
     and gather even where there is nothing to keep (the same collectives on every process)."""
-    own = source.state(position)
-    every = gather_json(own) if own is not None or jax.process_count() > 1 else [None]
+    every = gather_json(source.state(position))
     if all(c is None for c in every):
         return {"position": position}
     return {"position": position, "cursors": every}

@@ -13,18 +13,13 @@ that long) and the start of its responses; both responses see the same prompt to
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-from jaxlm.config import Config
 from jaxlm.data import pipeline
 from jaxlm.data.batch import LMBatch, PreferenceBatch
 from jaxlm.data.errors import DataError
-from jaxlm.data.paths import as_path
 
 FIELDS_HELP = ("preference JSON lines need prompt (a string, or a list of chat messages), "
                "chosen and rejected")
@@ -72,22 +67,9 @@ def parse_record(record: Any, where: str) -> tuple[str | list[dict[str, str]], s
 
 
 def read_preferences(files: list[str]) -> list[tuple[Any, str, str]]:
-    """Every (prompt, chosen, rejected) of the JSON-lines files, in order."""
-    out = []
-    for f in files:
-        with as_path(f).open(encoding="utf-8") as fh:  # local or gs://
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"'{f}' line {n}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where} is not JSON ({e.msg}); {FIELDS_HELP}") from None
-                out.append(parse_record(record, where))
-    if not out:
-        raise DataError(f"no preference pairs in {', '.join(files)}")
-    return out
+    """Every (prompt, chosen, rejected) of the JSON-lines files (local or cloud), in order."""
+    return pipeline.read_json_lines(files, parse_record, "preference pairs",
+                                    where="'{file}' line {line}")
 
 
 def _sides(tokenizer: Any, prompt: Any, response: str) -> tuple[list[int], list[int], list[int]]:
@@ -139,45 +121,10 @@ def preference_rows(pairs: list[tuple[Any, str, str]], tokenizer: Any, seq_len: 
                            rejected=LMBatch(**rows["rejected"])), cut
 
 
-def _texts(pairs: list[tuple[Any, str, str]]) -> list[str]:
+def texts(pairs: list[tuple[Any, str, str]]) -> list[str]:
     """Every string of the pairs (what a BPE tokenizer trains on)."""
     out = []
     for prompt, chosen, rejected in pairs:
         out += [m["content"] for m in prompt] if isinstance(prompt, list) else [prompt]
         out += [chosen, rejected]
     return out
-
-
-def preference_data(cfg: Config, run_dir: Path, train_data: Any, tokenizer_for: Any) -> Any:
-    """TrainData of preference pairs: data.files (else data.name=chat-preferences, made on
-    first use), held out by data.valid_files or the last data.valid_fraction of the pairs.
-    `train_data` and `tokenizer_for` are jaxlm.data.setup's TrainData and tokenizer finder,
-    passed in so that this module does not import the one that calls it."""
-    TrainData, _tokenizer = train_data, tokenizer_for  # noqa: N806
-
-    t, d = cfg.train, cfg.data
-    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    files, valid_files = d.files, d.valid_files
-    if not files:  # config allows only data.name=chat-preferences then
-        from jaxlm.data import chat_preferences
-
-        made = chat_preferences.ensure()
-        files, valid_files = [str(made.train)], [str(made.heldout)]
-    train_pairs = read_preferences(pipeline.expand_files(files))
-    if valid_files:
-        valid_pairs = read_preferences(pipeline.expand_files(valid_files))
-    else:
-        k = max(1, int(len(train_pairs) * d.valid_fraction))
-        if len(train_pairs) <= k:
-            raise DataError(f"{len(train_pairs)} preference pair(s) in data.files: too few to "
-                            "hold some out; add pairs or set data.valid_files")
-        train_pairs, valid_pairs = train_pairs[:-k], train_pairs[-k:]
-    tok = _tokenizer(cfg, run_dir, lambda: _texts(train_pairs))
-    (train_rows, cut), (valid_rows, _) = (preference_rows(p, tok, t.seq_len)
-                                          for p in (train_pairs, valid_pairs))
-    description = (f"preference pairs: train={len(train_pairs):,} valid={len(valid_pairs):,}"
-                   + (f" ({cut:,} cut to train.seq_len={t.seq_len})" if cut else ""))
-    # bytes_per_token 0: the DPO loss is no text likelihood (no perplexity, bits per byte).
-    return TrainData(tok, pipeline.RowBatches(train_rows, t.batch_size, seed=cfg.seed, **proc),
-                     pipeline.RowBatches(valid_rows, t.batch_size, shuffle=False, **proc),
-                     0.0, description)

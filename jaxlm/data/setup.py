@@ -9,17 +9,20 @@ import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import chat, corpus, pipeline
+from jaxlm.data import chat, corpus, pipeline, preference
 from jaxlm.data.batch import LMBatch
 from jaxlm.data.packing import PackedRows
 from jaxlm.data.pipeline import BatchSource, DataError
 from jaxlm.data.store import TokenStore, store_root
 from jaxlm.data.tokenizers import Tokenizer, decoder_start_id, from_name, load_tokenizer
 from jaxlm.families import registry
+
+T = TypeVar("T")
 
 PAIR_FORMATS = ("pairs", "prompt_answer")
 
@@ -78,11 +81,19 @@ def _tokenizer(cfg: Config, run_dir: Path, texts: Callable[[], Iterable[str]]) -
     return tok
 
 
+def hold_out_last(items: list[T], fraction: float, what: str) -> tuple[list[T], list[T]]:
+    """(items but the last `fraction` of them (at least one), those held out); DataError
+    when nothing would be left to train on."""
+    n = max(1, int(len(items) * fraction))
+    if n >= len(items):
+        raise DataError(f"{len(items)} {what}(s) cannot be split into train and validation; "
+                        f"add {what}s or set data.valid_files")
+    return items[:-n], items[-n:]
+
+
 def build(cfg: Config, run_dir: Path, progress: bool = True) -> TrainData:
     if cfg.data.format == "preference":  # DPO pairs (jaxlm.data.preference)
-        from jaxlm.data.preference import preference_data
-
-        return preference_data(cfg, run_dir, TrainData, _tokenizer)
+        return _preference_data(cfg, run_dir)
     if uses_chat(cfg):
         return _chat_data(cfg, run_dir)
     if uses_pairs(cfg):
@@ -98,8 +109,7 @@ def _pair_data(cfg: Config, run_dir: Path) -> TrainData:
     if valid_files:
         valid_pairs = pipeline.read_pairs(valid_files, d.source_field, d.target_field)
     else:
-        n = max(1, int(len(train_pairs) * d.valid_fraction))
-        train_pairs, valid_pairs = train_pairs[:-n], train_pairs[-n:]
+        train_pairs, valid_pairs = hold_out_last(train_pairs, d.valid_fraction, "pair")
     tok = _tokenizer(cfg, run_dir, lambda: [x for p in train_pairs for x in p])
     valid_bytes = sum(len(b.encode("utf-8")) for _, b in valid_pairs)
     description = f"pairs: train={len(train_pairs):,} valid={len(valid_pairs):,}"
@@ -156,11 +166,7 @@ def chat_splits(cfg: Config) -> tuple[list, list]:
     train = chat.read_chats(train_files)
     if valid_files:
         return train, chat.read_chats(valid_files)
-    n = max(1, int(len(train) * cfg.data.valid_fraction))
-    if n >= len(train):
-        raise DataError(f"{len(train)} conversation(s) cannot be split into train and "
-                        "validation; add conversations or set data.valid_files")
-    return train[:-n], train[-n:]
+    return hold_out_last(train, cfg.data.valid_fraction, "conversation")
 
 
 def _chat_data(cfg: Config, run_dir: Path) -> TrainData:
@@ -183,6 +189,34 @@ def _chat_data(cfg: Config, run_dir: Path) -> TrainData:
         tok, pipeline.RowBatches(LMBatch(**train_rows), t.batch_size, seed=cfg.seed, **proc),
         pipeline.RowBatches(LMBatch(**valid_rows), t.batch_size, shuffle=False, **proc),
         reply_bytes / max(float(valid_rows["loss_mask"].sum()), 1.0), description)
+
+
+def _preference_data(cfg: Config, run_dir: Path) -> TrainData:
+    """Preference pairs (DPO): data.files (else data.name=chat-preferences, made on first
+    use), held out by data.valid_files or the last data.valid_fraction of the pairs."""
+    t, d = cfg.train, cfg.data
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    files, valid_files = d.files, d.valid_files
+    if not files:  # config allows only data.name=chat-preferences then
+        from jaxlm.data import chat_preferences
+
+        made = chat_preferences.ensure()
+        files, valid_files = [str(made.train)], [str(made.heldout)]
+    train_pairs = preference.read_preferences(pipeline.expand_files(files))
+    if valid_files:
+        valid_pairs = preference.read_preferences(pipeline.expand_files(valid_files))
+    else:
+        train_pairs, valid_pairs = hold_out_last(train_pairs, d.valid_fraction,
+                                                 "preference pair")
+    tok = _tokenizer(cfg, run_dir, lambda: preference.texts(train_pairs))
+    (train_rows, cut), (valid_rows, _) = (preference.preference_rows(p, tok, t.seq_len)
+                                          for p in (train_pairs, valid_pairs))
+    description = (f"preference pairs: train={len(train_pairs):,} valid={len(valid_pairs):,}"
+                   + (f" ({cut:,} cut to train.seq_len={t.seq_len})" if cut else ""))
+    # bytes_per_token 0: the DPO loss is no text likelihood (no perplexity, bits per byte).
+    return TrainData(tok, pipeline.RowBatches(train_rows, t.batch_size, seed=cfg.seed, **proc),
+                     pipeline.RowBatches(valid_rows, t.batch_size, shuffle=False, **proc),
+                     0.0, description)
 
 
 def _text_data(cfg: Config, run_dir: Path, progress: bool) -> TrainData:

@@ -24,7 +24,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.config import ConfigError
@@ -115,10 +114,7 @@ def _allgather(q, k, v, masks, settings: ring.Ring, impl: str):
     attends its own query chunks (at their true offsets) with `impl`."""
     layout, axis = settings.layout, settings.axis
     T = q.shape[1]
-    # The gathered axis is in layout order; a static gather puts it in token order.
-    restore = np.argsort(layout.order(T * layout.shards))
-    gather = lambda x: jnp.take(jax.lax.all_gather(x, axis, axis=1, tiled=True), restore,
-                                axis=1)
+    gather = lambda x: layout.to_tokens(jax.lax.all_gather(x, axis, axis=1, tiled=True))
     k_all, v_all = gather(k), gather(v)
     kv_seg = gather(masks["kv_segment"]) if "kv_segment" in masks else None
     kv_valid = gather(masks["kv_valid"]) if "kv_valid" in masks else None

@@ -8,6 +8,12 @@ count. That count is an argument of the compiled step (nothing is compiled again
 optimizer state does not depend on it: the run is exactly the run of `train.steps=<planned>`.
 The plan goes into config.yaml (train.steps) and metrics.jsonl (a `time_budget` event); a
 resumed run keeps it and never plans again.
+
+With optim.schedule=wsd the lr of every step before the decay does not depend on the step
+count, so a fresh run plans again at each log step while its lr is held (`Replan`), from the
+pace the loop itself keeps: a machine that turns slower or faster after the first measurement
+still ends within the budget with its lr decayed, and the run is still exactly the run of
+its final count.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ from etils import epath
 
 from jaxlm import sharding
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import ConfigError
+from jaxlm.config import Config, ConfigError
 from jaxlm.data.paths import as_path
 from jaxlm.data.setup import TrainData
 from jaxlm.evaluate import heldout_metrics
+from jaxlm.optim import decay_start
 from jaxlm.setup import StepSetup
 from jaxlm.train import rundir
+from jaxlm.train.hooks import Hook, Progress, is_main, say
 from jaxlm.train.state import TrainState
 
 EVENT = "time_budget"
@@ -247,3 +255,92 @@ def plan_run(setup: StepSetup, data: TrainData, state: TrainState, *, resumed: b
             "it, or set 0 to train train.steps steps")
     plan = Plan(steps, t.steps, t.time_budget, costs, predicted_seconds(steps, costs, *every))
     return setup.with_steps(steps), plan
+
+
+def times_before(step: int, every: int) -> int:
+    """How many steps of 1..step-1 are multiples of `every` (a hook's runs before `step`)."""
+    return 0 if every <= 0 else (step - 1) // every
+
+
+def replans(cfg: Config, plan: Plan | None) -> bool:
+    """Whether a fresh run's plan is re-planned as it trains: optim.schedule=wsd, and the
+    planned count leaves its warmup whole (the warmup's length would change with it)."""
+    return plan is not None and cfg.optim.schedule == "wsd" and plan.steps > cfg.optim.warmup_steps
+
+
+class Replan(Hook):
+    """optim.schedule=wsd under train.time_budget: at each log step while the lr is held,
+    plans the step count again from the loop's own pace since its first log step (its
+    evaluations and checkpoints taken out at their measured cost), keeping the count at
+    least long enough that the lr so far is the new count's too. Runs after the Log hook,
+    whose fetch of the step metrics waits for the devices, so the clock reads finished steps.
+    A changed count is written where the first plan was (metrics.jsonl, config.yaml)."""
+
+    def __init__(self, plan: Plan, cfg: Config, run_dir: Path, writer: rundir.MetricsWriter,
+                 bar: Any, t_start: float) -> None:
+        self.plan, self.cfg, self.run_dir, self.writer, self.bar = plan, cfg, run_dir, writer, bar
+        self.t_start = t_start
+        self.every = (cfg.train.eval_every, cfg.checkpoint.every)
+        self.origin: tuple[int, float] | None = None  # (step, time) the pace is measured from
+
+    def due(self, p: Progress) -> bool:
+        return p.step % self.cfg.train.log_every == 0 and p.step <= decay_start(
+            self.cfg.optim, p.total)
+
+    def run(self, p: Progress) -> None:
+        now = time.time()
+        if self.origin is None or p.step <= self.origin[0]:  # the first log step, a rollback
+            self.origin = (p.step, now)
+            return
+        costs = self.costs(p.step, now)
+        steps = max(plan_steps(costs, self.plan.budget, self.plan.max_steps, *self.every),
+                    self.shortest_from(p.step))
+        if steps != p.total:
+            self.replan(p, steps, costs)
+
+    def costs(self, step: int, now: float) -> Costs:
+        """The plan's costs with the step's cost the loop's own since `origin`, and `setup`
+        what makes predicted_seconds of any count the time spent so far plus what is left."""
+        c, (s0, t0), (eval_every, save_every) = self.plan.costs, self.origin, self.every
+        hooks_s = ((times_before(step, eval_every) - times_before(s0, eval_every)) * c.eval
+                   + (times_before(step, save_every) - times_before(s0, save_every)) * c.save)
+        pace = _agreed_value(max(now - t0 - hooks_s, 0.0) / (step - s0))
+        spent = (now - self.t_start - step * pace - times_before(step, eval_every) * c.eval
+                 - times_before(step, save_every) * c.save)
+        return dataclasses.replace(c, setup=spent, step=pace)
+
+    def shortest_from(self, step: int) -> int:
+        """The fewest steps whose lr is held at least until `step` (bisection: decay_start
+        grows with the count)."""
+        lo, hi = max(step, self.cfg.optim.warmup_steps + 1), self.plan.max_steps
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if decay_start(self.cfg.optim, mid) >= step:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def replan(self, p: Progress, steps: int, costs: Costs) -> None:
+        before, p.total = p.total, steps
+        self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train,
+                                                                           steps=steps))
+        every = self.every
+        self.writer.write({**Plan(steps, self.plan.max_steps, self.plan.budget, costs,
+                                  predicted_seconds(steps, costs, *every)).row(),
+                           "step": p.step, "replanned_from": before})
+        if is_main():
+            rundir.write_config(self.run_dir, self.cfg)
+        self.bar.total = steps
+        self.bar.refresh()
+        say(f"step {p.step}: train.time_budget re-planned {before} -> {steps} steps "
+            f"(the loop's pace {costs.step * 1e3:.1f} ms a step)", self.cfg.run.quiet)
+
+
+def _agreed_value(x: float) -> float:
+    """The largest `x` of all processes (every process re-plans alike)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return float(np.max(multihost_utils.process_allgather(np.float64(x))))

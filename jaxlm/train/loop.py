@@ -4,6 +4,7 @@ and progress. Metrics are fetched from the device only at log steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def train(cfg: Config, run_dir: Path, sample_prompt: str | None = None, *,
         _announce(setup, summary, data, run_dir)
         p = Progress(step=int(state.step), total=cfg.train.steps, position=position,
                      state=state)
-        loop_hooks = _hooks(setup, data, ckpt, summary, run_dir, p.step, plan)
+        loop_hooks = _hooks(setup, data, ckpt, summary, run_dir, p.step, plan, t_start)
         batches = prefetch.Prefetcher(lambda position: _device_batch(setup, data, position),
                                       cfg.train.prefetch)
         try:
@@ -67,6 +68,9 @@ def train(cfg: Config, run_dir: Path, sample_prompt: str | None = None, *,
             for hook in loop_hooks:
                 hook.close()
             ckpt.close()
+        if p.total != cfg.train.steps:  # re-planned by train.time_budget as it trained
+            setup = setup.with_steps(p.total)
+            cfg = setup.cfg
         if not p.stop and sample.can_sample(setup, sample_prompt):
             summary.sample = sample.summary_sample(setup, p.state.params, data.tokenizer,
                                                    sample_prompt)
@@ -83,10 +87,13 @@ def _run(setup: StepSetup, batches: prefetch.Prefetcher, p: Progress,
          loop_hooks: list[hooks.Hook]) -> None:
     """Steps until the last or a stop. Nothing here waits for the devices: batches come
     from the prefetcher, metrics stay on the devices until the Log hook fetches them."""
+    train_step = setup.train_step
     while p.step < p.total and not p.stop:
+        if train_step.total_steps != p.total:  # re-planned (budget.Replan): the same program
+            train_step = dataclasses.replace(train_step, total_steps=p.total)
         with trace.step(p.step + 1):  # profiler traces split the timeline by step
             batch = batches.get(p.position)
-            p.state, metrics = setup.train_step(p.state, batch)
+            p.state, metrics = train_step(p.state, batch)
         p.step, p.position = p.step + 1, p.position + 1
         p.pending.append(metrics)
         p.rolled_back = False
@@ -147,9 +154,10 @@ def _announce(setup: StepSetup, summary: Summary, data: data_setup.TrainData,
 
 def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,
            summary: Summary, run_dir: Path, start: int,
-           plan: budget.Plan | None = None) -> list[hooks.Hook]:
-    """In order: preemption, progress, log, health (may roll back), evaluation, checkpoint,
-    profiler trace. A new plan of train.time_budget is the first row they write."""
+           plan: budget.Plan | None = None, t_start: float = 0.0) -> list[hooks.Hook]:
+    """In order: preemption, progress, log, re-planning (budget.Replan, when it applies),
+    health (may roll back), evaluation, checkpoint, profiler trace. A new plan of
+    train.time_budget is the first row they write."""
     cfg = setup.cfg
     writer = rundir.MetricsWriter(
         run_dir, enabled=is_main(),
@@ -169,7 +177,9 @@ def _hooks(setup: StepSetup, data: data_setup.TrainData, ckpt: Checkpointer,
         return heldout_metrics(setup.eval_step, setup.eval_inputs(state), data, setup.mesh,
                                eval_batches)
 
-    return [hooks.Preemption(cfg.train.log_every), hooks.ProgressBar(bar), log, health,
+    replan = ([budget.Replan(plan, cfg, run_dir, writer, bar, t_start)]
+              if budget.replans(cfg, plan) else [])
+    return [hooks.Preemption(cfg.train.log_every), hooks.ProgressBar(bar), log, *replan, health,
             hooks.Evaluate(cfg, evaluate, writer, summary, bar, log),
             hooks.Checkpoint(cfg, ckpt, health,
                              lambda position: data_position.saved(data.train, position)),

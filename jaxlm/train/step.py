@@ -41,9 +41,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     parameters are differentiated and updated (LoRA: the adapters); the rest pass through.
     """
 
-    def grads_of(params, micro, rng):
-        trained, frozen = trainable.split(params)
-
+    def grads_of(trained, frozen, micro, rng):
         def f(t):
             return loss_fn(model.apply, trainable.join(t, frozen), micro, rng=rng,
                            deterministic=False)
@@ -52,8 +50,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
+        trained, frozen = trainable.split(state.params)
         if grad_accum_steps == 1:
-            loss, sums, grads = grads_of(state.params, batch, rng)
+            loss, sums, grads = grads_of(trained, frozen, batch, rng)
         else:
             micro = _split_micro(batch, grad_accum_steps)
 
@@ -62,21 +61,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
             def accumulate(carry, xs):
                 grads_acc, loss_acc, sums_acc = carry
                 i, mb = xs
-                loss, sums, grads = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+                loss, sums, grads = grads_of(trained, frozen, mb, jax.random.fold_in(rng, i))
                 n = sums["num_tokens"]
                 grads_acc = jax.tree.map(lambda a, g: a + n * g, grads_acc, grads)
                 return (grads_acc, loss_acc + n * loss, jax.tree.map(jnp.add, sums_acc, sums)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, trainable.trained(state.params))
+            zeros = jax.tree.map(jnp.zeros_like, trained)
             no_sums = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), jax.eval_shape(
-                grads_of, state.params, jax.tree.map(lambda v: v[0], micro), rng)[1])
+                grads_of, trained, frozen, jax.tree.map(lambda v: v[0], micro), rng)[1])
             (grads, loss_sum, sums), _ = jax.lax.scan(
                 accumulate, (zeros, 0.0, no_sums), (jnp.arange(grad_accum_steps), micro))
             denom = jnp.maximum(sums["num_tokens"], 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
-        trained, frozen = trainable.split(state.params)
         updates, new_opt_state = tx.update(grads, state.opt_state, trained)
         new_trained = optax.apply_updates(trained, updates)
         # Also guard the update itself: a non-finite learning rate gives finite gradients.

@@ -33,8 +33,8 @@ class Trainable:
                                              **traverse_util.flatten_dict(trained)})
 
     def trained(self, params: Any) -> Any:
+        """The trained part alone (what the optimizer state mirrors)."""
         return self.split(params)[0]
-
 
 
 EVERYTHING = Trainable()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import corpus
+from conftest import corpus, tiny_hf_llama
 
 from jaxlm.cli import main
 from jaxlm.data import setup as data_setup
@@ -33,17 +33,7 @@ def hf_llama(tmp_path_factory):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.tokenizer, bos_token="<s>",
                                                 eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(hf)
-    config = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1) if p.ndim > 1 else p.copy_(1 + 0.2 * torch.randn_like(p))
-    model.eval().save_pretrained(hf)
-    return hf, model, text
+    return hf, tiny_hf_llama(hf, V), text
 
 
 def _hf_loss(model, inputs, targets, mask) -> float:

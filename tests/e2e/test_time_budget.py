@@ -3,6 +3,7 @@ its learning rate over the planned steps, is exactly the run of that step count,
 its plan when resumed. Costs are stubbed where the test is about the plan's wiring, not the
 clock, so the step count is known whatever the machine's load."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -132,6 +133,34 @@ def test_resume_refuses_another_budget(planned, capsys):
     assert main([*args, "train.time_budget=500"]) == 2
     assert "train.time_budget" in capsys.readouterr().err
     assert (tmp / "run" / "config.yaml").read_text() == before
+
+
+# With optim.schedule=wsd, the loop's own pace re-plans the run: here twice the first
+# measurement's, so 14 steps fit instead of 29 (at step 10, with the lr still held there).
+SLOWER_LOOP = Costs(setup=0.0, compile=0.0, step=2000.0, eval=0.0, save=0.0, sample=0.0)
+REPLANNED = 14
+
+
+def test_wsd_run_replans_from_the_loops_pace_and_is_the_run_of_its_final_count(tmp_path):
+    data, run, plain = corpus(tmp_path), tmp_path / "run", tmp_path / "plain"
+    wsd = ["optim.schedule=wsd", "train.eval_every=0", "checkpoint.every=10", "--quiet"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(budget, "_measure", lambda *a, **k: SLOW_STEPS)
+        mp.setattr(budget.Replan, "costs", lambda self, step, now: SLOWER_LOOP)
+        assert main(_args(run, data, "train.time_budget=30000", *wsd)) == 0
+    first, again = _plan_rows(run)
+    assert first["planned_steps"] == PLANNED and first["step"] == 0
+    assert (again["planned_steps"], again["replanned_from"], again["step"]) == (REPLANNED,
+                                                                                PLANNED, 10)
+    assert again["max_steps"] == 100000 and again["step_seconds"] == 2000.0
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == REPLANNED
+    summary = rundir.read_summary(run)
+    assert (summary["steps"], summary["status"]) == (REPLANNED, "finished")
+    wsd_optim = dataclasses.replace(OPTIM, schedule="wsd")
+    np.testing.assert_allclose(_lr_rows(run)[-1]["lr"],
+                               float(lr_schedule(wsd_optim, REPLANNED)(REPLANNED - 1)), rtol=1e-6)
+    assert main(_args(plain, data, f"train.steps={REPLANNED}", *wsd)) == 0
+    _assert_same_params(run, plain)
 
 
 def test_budget_too_short_exits_2_and_leaves_no_run_folder(tmp_path, capsys):

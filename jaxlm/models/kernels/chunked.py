@@ -13,7 +13,6 @@ Shapes as in attention.py: q [B, T, N, H], k/v [B, S, K, H], G = N // K.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,28 +32,42 @@ def chunked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     (cap 0: no soft-cap); returns [B, T, N, H] in v's dtype. `mask` is a MaskSpec or a
     dense [B or 1, T, S] bool array (the dense form is sliced per tile: it still costs T·S
     bytes to hold)."""
-    B, T, N, H = q_BTNH.shape
-    S = k_BSKH.shape[1]
-    bq, bk = min(q_block, T), min(kv_block, S)
-    Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    st, Tp, Sp = _tiling(T, S, q_block, kv_block, scale, cap)
     spec = mask if isinstance(mask, MaskSpec) else None
     dense = None
     if mask is not None and spec is None:
         dense = jnp.pad(jnp.asarray(mask, bool), ((0, 0), (0, Tp - T), (0, Sp - S)))
-    if spec is not None:  # pad the per-token parts so tiles past the end can be sliced
-        spec = spec.replace(**{
-            name: None if x is None else jnp.pad(x, ((0, 0), (0, pad)))
-            for name, x, pad in (("q_segment_BT", spec.q_segment_BT, Tp - T),
-                                 ("kv_segment_BS", spec.kv_segment_BS, Sp - S),
-                                 ("kv_valid_BS", spec.kv_valid_BS, Sp - S))})
     if bias_BNTS is not None:
         bias_BNTS = jnp.pad(bias_BNTS, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
-    # Static (hashable) arguments of the custom VJP: scale, tile sizes, true key length,
-    # soft-cap.
-    st = (float(scale), bq, bk, S, float(cap))
-    out = _attend(pad(q_BTNH, Tp), pad(k_BSKH, Sp), pad(v_BSKH, Sp), spec, dense, bias_BNTS, st)
+    out = _attend(_pad(q_BTNH, Tp), _pad(k_BSKH, Sp), _pad(v_BSKH, Sp), _pad_spec(spec, Tp, Sp),
+                  dense, bias_BNTS, st)
     return out[:, :T]
+
+
+def _tiling(T: int, S: int, q_block: int, kv_block: int, scale: float, cap: float):
+    """(st, Tp, Sp): the static (hashable) arguments of the kernel (scale, tile sizes, true
+    key length, soft-cap) for tiles of at most the block sizes, and the lengths padded to
+    whole tiles."""
+    bq, bk = min(q_block, T), min(kv_block, S)
+    return (float(scale), bq, bk, S, float(cap)), -(-T // bq) * bq, -(-S // bk) * bk
+
+
+def _pad(x, n: int):
+    """x [B, L, ...] padded with zeros to n tokens."""
+    if x is None or x.shape[1] == n:
+        return x
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), *[(0, 0)] * (x.ndim - 2)))
+
+
+def _pad_spec(spec, Tp: int, Sp: int):
+    """The spec's per-token parts padded like the queries and keys, so that tiles past the
+    end can be sliced."""
+    if spec is None:
+        return None
+    return spec.replace(q_segment_BT=_pad(spec.q_segment_BT, Tp),
+                        kv_segment_BS=_pad(spec.kv_segment_BS, Sp),
+                        kv_valid_BS=_pad(spec.kv_valid_BS, Sp))
 
 
 def _tile_logits(q_tile, k_tile, bias, spec, dense, i, j, st, K):
@@ -253,21 +266,17 @@ def _reduce_to(x_BNts, lead_shape):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-
-def _tile(length: int, block: int) -> int:
-    """The largest tile up to `block` that divides `length` (no padding inside a block pair)."""
-    return math.gcd(length, block)
-
-
 def block_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                     spec: MaskSpec | None, *, scale: float, cap: float = 0.0,
                     block: int = DEFAULT_BLOCK) -> tuple[jax.Array, jax.Array]:
     """The attention of these queries over these keys alone, for a caller that merges blocks
     of keys (ring attention): float32 output [B, T, N, H] normalised over this block, and its
     logsumexp [B, K, G, T] (masked everywhere: about the float32 minimum)."""
-    st = (float(scale), _tile(q_BTNH.shape[1], block), _tile(k_BSKH.shape[1], block),
-          k_BSKH.shape[1], float(cap))
-    return _forward(q_BTNH, k_BSKH, v_BSKH, spec, None, None, st, out_dtype=jnp.float32)
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    st, Tp, Sp = _tiling(T, S, block, block, scale, cap)
+    out, lse = _forward(_pad(q_BTNH, Tp), _pad(k_BSKH, Sp), _pad(v_BSKH, Sp),
+                        _pad_spec(spec, Tp, Sp), None, None, st, out_dtype=jnp.float32)
+    return out[:, :T], lse[..., :T]
 
 
 def block_attention_grads(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -276,7 +285,11 @@ def block_attention_grads(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
                           block: int = DEFAULT_BLOCK) -> tuple[jax.Array, ...]:
     """float32 (dq, dk, dv): this block of keys' part of the gradient of an attention whose
     final output and logsumexp over all blocks are `out_BTNH` and `lse_BKGT`."""
-    st = (float(scale), _tile(q_BTNH.shape[1], block), _tile(k_BSKH.shape[1], block),
-          k_BSKH.shape[1], float(cap))
-    return _grads(st, q_BTNH, k_BSKH, v_BSKH, spec, None, None, out_BTNH, lse_BKGT,
-                  do_BTNH)[:3]
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    st, Tp, Sp = _tiling(T, S, block, block, scale, cap)
+    # Padded queries have zero cotangents, so their (finite) probabilities add nothing.
+    lse = jnp.pad(lse_BKGT, ((0, 0), (0, 0), (0, 0), (0, Tp - T)))
+    dq, dk, dv, _ = _grads(st, _pad(q_BTNH, Tp), _pad(k_BSKH, Sp), _pad(v_BSKH, Sp),
+                           _pad_spec(spec, Tp, Sp), None, None, _pad(out_BTNH, Tp), lse,
+                           _pad(do_BTNH, Tp))
+    return dq[:, :T], dk[:, :S], dv[:, :S]

@@ -54,6 +54,16 @@ class Layout:
         firsts = [s for o in range(self.shards) for s in self.starts(o, c * self.chunks)]
         return np.concatenate([np.arange(f, f + c) for f in firsts])
 
+    def to_tokens(self, x: jax.Array, axis: int = 1) -> jax.Array:
+        """x, whose `axis` holds the whole sequence in layout order (every shard's chunks,
+        shard by shard; an all-gather's result), in token order: static slices, not a
+        gather (whose gradient would be a scatter)."""
+        if self.chunks == 1:
+            return x
+        pieces = jnp.split(x, self.shards * self.chunks, axis=axis)
+        chunk_of = self.order(self.shards * self.chunks)  # chunk index at each place
+        return jnp.concatenate([pieces[i] for i in np.argsort(chunk_of)], axis=axis)
+
 
 @dataclass(frozen=True)
 class Ring:
@@ -113,15 +123,10 @@ def _pairs(ring: Ring, T: int, me, masks, kv, owner, body, carry):
 
 def _overlaps(spec: MaskSpec, Tc: int) -> jax.Array:
     """Whether some query of the chunk at q_offset may see some key of the chunk at
-    kv_offset (both Tc tokens) under the causal and window parts."""
-    q0, k0 = spec.q_offset, spec.kv_offset
-    live = jnp.bool_(True)
-    if spec.causal:
-        live &= k0 <= q0 + Tc - 1
-    if spec.window:
-        near = k0 + Tc - 1 > q0 - spec.window
-        live &= near if spec.window_on is None else near | ~spec.window_on
-    return live
+    kv_offset (both Tc tokens): the blockwise kernel's own tile-skipping rule, with the
+    chunk pair as one tile."""
+    lo, hi = chunked._kv_range(spec, 0, (None, Tc, Tc), 1)
+    return jnp.asarray(lo < hi)
 
 
 def _merge(out, lse, out_b, lse_b):
@@ -230,13 +235,15 @@ def one_shard(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
     return (out, *_backward(ring, res, do_BTNH, me, lambda x: x)[:3])
 
 
-def tiles_visited(ring: Ring, length: int) -> np.ndarray:
-    """[shards]: the (query tile, key tile) pairs each shard's forward pass computes for a
-    sequence of `length` tokens, by the kernel's own rule for skipping masked tiles."""
+def pairs_computed(ring: Ring, length: int) -> np.ndarray:
+    """[shards]: the query-key pairs in the tiles each shard's forward pass computes for a
+    sequence of `length` tokens, by the kernel's own tiling and rule for skipping masked
+    tiles."""
     n, c = ring.layout.shards, ring.layout.chunks
     local = length // n
-    bq = bk = chunked._tile(local // c, ring.block)
-    st = (ring.scale, bq, bk, local // c, ring.cap)
+    st, Tp, _ = chunked._tiling(local // c, local // c, ring.block, ring.block, ring.scale,
+                                ring.cap)
+    tile, tiles = st[1], Tp // st[1]
     counts = np.zeros(n, np.int64)
     for me in range(n):
         for s in range(n):
@@ -245,7 +252,7 @@ def tiles_visited(ring: Ring, length: int) -> np.ndarray:
                 for k0 in ring.layout.starts(owner, local):
                     spec = MaskSpec(q_offset=q0, kv_offset=k0, causal=ring.causal,
                                     window=ring.window)
-                    for i in range(local // c // bq):
-                        lo, hi = chunked._kv_range(spec, i, st, local // c // bk)
+                    for i in range(tiles):
+                        lo, hi = chunked._kv_range(spec, i, st, tiles)
                         counts[me] += max(int(hi) - int(lo), 0)
-    return counts
+    return counts * tile**2
