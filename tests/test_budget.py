@@ -92,3 +92,18 @@ def test_replan_keeps_the_lr_so_far_and_the_whole_warmup():
         assert decay_start(r.cfg.optim, n) >= step and n > 10
         assert n == 11 or decay_start(r.cfg.optim, n - 1) < step
     assert r.shortest_from(400) == 499  # 20% decays: 499 - floor(99.8) = 400
+
+
+def test_replan_ignores_changes_worth_less_than_a_second(monkeypatch):
+    """The jitter of the pace moves the planned count by a few steps at every log step; only
+    a change that moves the predicted end by REPLAN_SECONDS or more is made."""
+    r, made = _replan(eval_every=0, save_every=10**6), []
+    r.origin = (100, 1000.0)
+    monkeypatch.setattr(r, "replan", lambda p, steps, costs: made.append(steps))
+    p = hooks.Progress(step=200, total=5780, position=200, state=None)
+    for pace in (0.05, 0.0501, 0.06):  # 5,780 steps fit, 5,768 (0.6 s less), 4,816
+        monkeypatch.setattr(r, "costs", lambda step, now, pace=pace: Costs(
+            setup=0.0, compile=0.0, step=pace, eval=0.0, save=0.0, sample=0.0))
+        r.run(p)
+    want = plan_steps(Costs(0, 0, 0.06, 0, 0, 0), 300.0, 10**6, 0, 10**6)
+    assert made == [want] == [4816]

@@ -55,6 +55,9 @@ ROUND_SECONDS = 0.6
 # trackers, the end of the process) and the jitter of the step time.
 RESERVE_SHARE = 0.03
 RESERVE_SECONDS = 2.0
+# A re-plan (optim.schedule=wsd) changes the step count only when that moves the predicted
+# end by at least this much: smaller changes are the pace's jitter.
+REPLAN_SECONDS = 1.0
 
 
 @dataclass
@@ -295,7 +298,7 @@ class Replan(Hook):
         costs = self.costs(p.step, now)
         steps = max(plan_steps(costs, self.plan.budget, self.plan.max_steps, *self.every),
                     self.shortest_from(p.step))
-        if steps != p.total:
+        if abs(steps - p.total) * costs.step >= REPLAN_SECONDS:
             self.replan(p, steps, costs)
 
     def costs(self, step: int, now: float) -> Costs:
