@@ -44,10 +44,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 # The tiny model most tests train (as `key=value` overrides): 2 layers of width 32, 4 heads,
 # 32-token rows, batch 8 (one row per simulated device), train.steps as given rather than
-# planned by the default's time budget. Tests add what they vary.
+# planned by the default's time budget, and a cosine schedule (the default config's
+# warmup-stable-decay has tests of its own). Tests add what they vary.
 TINY_SHAPE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
               "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8",
-              "train.time_budget=0"]
+              "train.time_budget=0", "optim.schedule=cosine"]
 # The same with a 64-id vocabulary, for tests that feed token ids by hand.
 TINY_MODEL = [*TINY_SHAPE, "model.vocab_size=64"]
 

@@ -20,7 +20,8 @@ from jaxlm.optim import lr_schedule
 from jaxlm.train import budget, rundir
 from jaxlm.train.budget import Costs
 
-LR = ["optim.lr=3e-3", "optim.warmup_steps=5", "optim.min_lr_ratio=0.1"]
+# Cosine (the default config's is wsd, which re-plans; its own test says so).
+LR = ["optim.lr=3e-3", "optim.warmup_steps=5", "optim.min_lr_ratio=0.1", "optim.schedule=cosine"]
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=5, min_lr_ratio=0.1)
 
 
