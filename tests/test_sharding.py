@@ -12,7 +12,8 @@ from jaxlm.data.pipeline import LMBatches
 
 SHAPE = ["model.num_layers=2", "model.d_model=64", "model.num_heads=8", "model.d_ff=128",
          "model.vocab_size=128", "model.max_seq_len=32", "train.seq_len=32",
-         "train.batch_size=16", "optim.warmup_steps=2", "optim.lr=3e-3"]
+         "train.batch_size=16", "optim.warmup_steps=2", "optim.lr=3e-3",
+         "optim.schedule=cosine"]  # the tolerances below were set with it
 STEPS = 20
 
 
