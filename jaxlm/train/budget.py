@@ -178,14 +178,19 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _agreed(costs: Costs) -> Costs:
-    """Every process plans from the largest cost any of them measured, so all plan alike."""
+def _largest(values: np.ndarray) -> np.ndarray:
+    """The elementwise largest `values` of all processes, so that every process plans
+    alike."""
     if jax.process_count() == 1:
-        return costs
+        return values
     from jax.experimental import multihost_utils
 
-    values = np.asarray(dataclasses.astuple(costs), np.float64)
-    return Costs(*np.max(multihost_utils.process_allgather(values), axis=0).tolist())
+    return np.max(multihost_utils.process_allgather(values), axis=0)
+
+
+def _agreed(costs: Costs) -> Costs:
+    """Every process plans from the largest cost any of them measured."""
+    return Costs(*_largest(np.asarray(dataclasses.astuple(costs), np.float64)).tolist())
 
 
 @dataclass
@@ -307,7 +312,7 @@ class Replan(Hook):
         c, (s0, t0), (eval_every, save_every) = self.plan.costs, self.origin, self.every
         hooks_s = ((times_before(step, eval_every) - times_before(s0, eval_every)) * c.eval
                    + (times_before(step, save_every) - times_before(s0, save_every)) * c.save)
-        pace = _agreed_value(max(now - t0 - hooks_s, 0.0) / (step - s0))
+        pace = float(_largest(np.float64(max(now - t0 - hooks_s, 0.0) / (step - s0))))
         spent = (now - self.t_start - step * pace - times_before(step, eval_every) * c.eval
                  - times_before(step, save_every) * c.save)
         return dataclasses.replace(c, setup=spent, step=pace)
@@ -338,12 +343,3 @@ class Replan(Hook):
         self.bar.refresh()
         say(f"step {p.step}: train.time_budget re-planned {before} -> {steps} steps "
             f"(the loop's pace {costs.step * 1e3:.1f} ms a step)", self.cfg.run.quiet)
-
-
-def _agreed_value(x: float) -> float:
-    """The largest `x` of all processes (every process re-plans alike)."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return float(np.max(multihost_utils.process_allgather(np.float64(x))))
