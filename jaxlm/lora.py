@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxlm.config import Config, LoraConfig, ModelConfig
+from jaxlm.models.names import OUTPUT_HEAD, POSITION_TABLE, TOKEN_TABLE, TYPE_TABLE
 from jaxlm.train.trainable import EVERYTHING, Trainable
 
 A, B = "lora_a", "lora_b"
@@ -123,7 +124,7 @@ def is_embedding(path: tuple) -> bool:
     """Whether a parameter path names an embedding table: token, position or token-type
     embeddings, or an untied output head (lm_head)."""
     names = _path_names(path)
-    return names[-1] in ("embedding", "pos_embed", "type_embed") or "lm_head" in names
+    return names[-1] in (TOKEN_TABLE, POSITION_TABLE, TYPE_TABLE) or OUTPUT_HEAD in names
 
 
 # lora.train_also names -> the other parameters that train whole beside the adapters.

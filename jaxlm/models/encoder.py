@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxlm.config import ModelConfig
 from jaxlm.models import attention as attn
 from jaxlm.models.layers import ACTIVATIONS, Embed, Norm, Projection, normal_init, zeros_init
+from jaxlm.models.names import TYPE_TABLE
 from jaxlm.models.transformer import ACT_AXES, Stack, add_positions, dtypes
 
 
@@ -67,7 +68,7 @@ class EncoderMLM(nn.Module):
         x_BTD = embed(tokens_BT)
         x_BTD = add_positions(self, x_BTD, positions_BT, cfg, cfg.init_std)
         if cfg.type_vocab_size:
-            type_table = self.param("type_embed", normal_init(cfg.init_std, (None, "embed")),
+            type_table = self.param(TYPE_TABLE, normal_init(cfg.init_std, (None, "embed")),
                                     (cfg.type_vocab_size, cfg.d_model),
                                     jnp.dtype(cfg.param_dtype))
             types_BT = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import lora
+from jaxlm.models.names import TOKEN_TABLE
 
 Axes = tuple[str | None, ...]
 
@@ -77,7 +78,7 @@ class Embed(nn.Module):
     axes: Axes = ("vocab", "embed")
 
     def setup(self) -> None:
-        self.embedding = self.param("embedding", normal_init(self.std, self.axes),
+        self.embedding = self.param(TOKEN_TABLE, normal_init(self.std, self.axes),
                                     (self.num_embeddings, self.features), self.param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ from jaxlm.models import attention as attn
 from jaxlm.models import context, ring_cache
 from jaxlm.models.layers import Embed, Mlp, Norm, Projection, normal_init
 from jaxlm.models.moe import MoeMlp
+from jaxlm.models.names import OUTPUT_HEAD, POSITION_TABLE
 
 ACT_AXES = ("batch", "length", "act_embed")
 
@@ -37,7 +38,7 @@ def add_positions(module: nn.Module, x_BTD: jax.Array, positions_BT: jax.Array,
     created on `module`, with `position_offset` rows before position 0; sinusoidal: fixed).
     RoPE and relative biases act inside attention instead; they add nothing here."""
     if cfg.position == "learned":
-        table = module.param("pos_embed", normal_init(std, (None, "embed")),
+        table = module.param(POSITION_TABLE, normal_init(std, (None, "embed")),
                              (cfg.max_seq_len + cfg.position_offset, x_BTD.shape[-1]),
                              jnp.dtype(cfg.param_dtype))
         rows_BT = positions_BT + cfg.position_offset
@@ -330,13 +331,13 @@ class DecoderLM(nn.Module):
                          **dtypes(cfg))(x_BTD)
         if hidden:
             w_VD = (embed.embedding if cfg.tie_embeddings
-                    else self.variables["params"]["lm_head"]["kernel"].T)
+                    else self.variables["params"][OUTPUT_HEAD]["kernel"].T)
             return x_BTD, w_VD.astype(cfg.dtype)
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
             logits_BTV = Projection((cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
-                                    std=cfg.init_std, name="lm_head", **dtypes(cfg))(x_BTD)
+                                    std=cfg.init_std, name=OUTPUT_HEAD, **dtypes(cfg))(x_BTD)
         logits_BTV = attn.softcap(logits_BTV, cfg.final_logit_softcap)
         logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
         return logits_BTV if cache is None else (logits_BTV, cache)
