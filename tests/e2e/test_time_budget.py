@@ -20,7 +20,7 @@ from jaxlm.optim import lr_schedule
 from jaxlm.train import budget, rundir
 from jaxlm.train.budget import Costs
 
-# Cosine (the default config's is wsd, which re-plans; its own test says so).
+# Cosine unless a test adds optim.schedule=wsd (the default's), which re-plans.
 LR = ["optim.lr=3e-3", "optim.warmup_steps=5", "optim.min_lr_ratio=0.1", "optim.schedule=cosine"]
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=5, min_lr_ratio=0.1)
 WSD_OPTIM = dataclasses.replace(OPTIM, schedule="wsd")
@@ -47,11 +47,12 @@ def _assert_same_params(a: Path, b: Path) -> None:
 
 def test_run_ends_within_its_budget_with_the_lr_at_its_minimum(tmp_path, monkeypatch):
     """Measured for real, with the default's warmup-stable-decay: the whole run, its end
-    sample included, ends within the budget, the loop re-planning from its own pace. The
-    budget is set once the run has measured its costs: what all but the steps take here, the
-    reserve, and 10 s for the steps, so it is as tight on a busy machine as on an idle one;
-    the re-plans keep it (a cosine run could not follow a machine that slows after its
-    measurement)."""
+    sample included, ends within the budget. The budget is set once the run has measured its
+    costs: what all but the steps take here, the reserve, and 10 s for the steps, so it is as
+    tight on a busy machine as on an idle one. Where the loop's pace drifts from the
+    measurement the run re-plans against the same budget (a cosine run could not follow a
+    machine that slows after its measurement); that re-planning itself is tested with a
+    stubbed pace below."""
     run, plan_steps, budgets = tmp_path / "run", budget.plan_steps, []
 
     def tight_budget(costs, seconds, *every):
