@@ -22,6 +22,7 @@ import optax
 from jaxlm import perf, sharding
 from jaxlm.config import Config
 from jaxlm.setup import StepSetup, build
+from jaxlm.train import dispatch
 from jaxlm.train.state import count_params
 
 
@@ -62,7 +63,7 @@ def compile_step(cfg: Config) -> Compiled:
 def time_rounds(setup: Compiled, steps: int, rounds: int, warmup: int,
                 next_batch: Callable[[], Any]) -> list[float]:
     """Seconds per step of each of `rounds` rounds of `steps` steps dispatched as the
-    training loop dispatches them (asynchronously; one wait at the round's end), on
+    training loop dispatches them (asynchronously, at most dispatch.STEPS_AHEAD queued), on
     `steps` device batches built before the timing: the step's own throughput, which no
     per-step drain of the device queue slows (a drain costs small steps a share of their
     time)."""
@@ -75,8 +76,10 @@ def time_rounds(setup: Compiled, steps: int, rounds: int, warmup: int,
         jax.block_until_ready(state)
         for _ in range(rounds):
             t0 = time.perf_counter()
+            in_flight = dispatch.Window()
             for batch in batches:
                 state, metrics = setup.step(state, batch)
+                in_flight.add(metrics)
             jax.block_until_ready((state, metrics))
             seconds.append((time.perf_counter() - t0) / steps)
     setup.state = state  # the old one was donated

@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from jaxlm import distributed, xla_flags
 
-    xla_flags.apply_cpu_matmul_threads(cfg.run.cpu_threaded_matmul)
+    xla_flags.apply(cfg.run.cpu_threaded_matmul, cfg.run.cpu_devices)
     # Before anything touches a JAX backend: join the other processes, if there are any.
     distributed.initialize(distributed.detect(args.coordinator, args.num_processes,
                                               args.process_id), args.init_timeout)
@@ -294,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config, args.overrides)
     from jaxlm import xla_flags
 
-    xla_flags.apply_cpu_matmul_threads(cfg.run.cpu_threaded_matmul)
+    xla_flags.apply(cfg.run.cpu_threaded_matmul, cfg.run.cpu_devices)
     result = bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.table())
     return 0
@@ -303,7 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from jaxlm import profile
+    from jaxlm import profile, xla_flags
     from jaxlm.plot import check_figure_path
 
     if args.out:  # refused now rather than after the profile has run
@@ -315,11 +315,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.run:
         from jaxlm.train import rundir
 
-        rundir.load_config(args.run, args.overrides)  # refuses bad overrides (from_run does not)
+        cfg = rundir.load_config(args.run, args.overrides)  # refuses bad overrides
+        xla_flags.apply(cfg.run.cpu_threaded_matmul, cfg.run.cpu_devices)
         report = profile.from_run(args.run, steps=args.steps, overrides=args.overrides,
                                   trace_dir=args.trace)
     else:
         cfg = _load_config(args.config, args.overrides)
+        xla_flags.apply(cfg.run.cpu_threaded_matmul, cfg.run.cpu_devices)
         report = profile.profile(cfg, steps=args.steps, trace_dir=args.trace)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.table())
     if args.out:

@@ -254,6 +254,10 @@ class RunConfig:
     cpu_threaded_matmul: bool = _f(True, "on CPU, split each matmul across the cores; false "
                                    "runs each on one thread, faster for small models (XLA's "
                                    "xla_cpu_multi_thread_eigen; XLA_FLAGS, if it sets it, wins)")
+    cpu_devices: int = _f(1, "on CPU, split the host into this many JAX devices: the mesh's data "
+                          "axis then runs each device's share of the batch on its own core "
+                          "(JAX_NUM_CPU_DEVICES or an XLA_FLAGS device count, if set, wins; "
+                          "no effect on GPU/TPU or once JAX has started)")
 
 
 @dataclass
@@ -626,7 +630,7 @@ def validate(cfg: Config) -> None:
     positive = ["model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
                 "model.vocab_size", "model.max_seq_len", "train.steps", "train.batch_size",
                 "train.seq_len", "train.log_every", "train.eval_batches",
-                "optim.grad_accum_steps", "checkpoint.every", "checkpoint.keep"]
+                "optim.grad_accum_steps", "checkpoint.every", "checkpoint.keep", "run.cpu_devices"]
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_get(cfg, key)}")

@@ -20,7 +20,7 @@ from jaxlm.data import setup as data_setup
 from jaxlm.data.paths import local_target
 from jaxlm.evaluate import heldout_metrics
 from jaxlm.setup import StepSetup, build
-from jaxlm.train import budget, hooks, prefetch, report, rundir, sample
+from jaxlm.train import budget, dispatch, hooks, prefetch, report, rundir, sample
 from jaxlm.train.hooks import Progress, is_main, say
 from jaxlm.train.report import Summary
 from jaxlm.train.state import TrainState, count_params
@@ -85,9 +85,11 @@ def _device_batch(setup: StepSetup, data: data_setup.TrainData, position: int) -
 
 def _run(setup: StepSetup, batches: prefetch.Prefetcher, p: Progress,
          loop_hooks: list[hooks.Hook]) -> None:
-    """Steps until the last or a stop. Nothing here waits for the devices: batches come
-    from the prefetcher, metrics stay on the devices until the Log hook fetches them."""
+    """Steps until the last or a stop. Batches come from the prefetcher, metrics stay on the
+    devices until the Log hook fetches them; the host waits only to keep at most
+    dispatch.STEPS_AHEAD steps queued."""
     train_step = setup.train_step
+    in_flight = dispatch.Window()
     while p.step < p.total and not p.stop:
         if train_step.total_steps != p.total:  # re-planned (budget.Replan): the same program
             train_step = dataclasses.replace(train_step, total_steps=p.total)
@@ -96,6 +98,7 @@ def _run(setup: StepSetup, batches: prefetch.Prefetcher, p: Progress,
             p.state, metrics = train_step(p.state, batch)
         p.step, p.position = p.step + 1, p.position + 1
         p.pending.append(metrics)
+        in_flight.add(metrics)
         p.rolled_back = False
         for hook in loop_hooks:
             if hook.due(p):
