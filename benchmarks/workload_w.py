@@ -16,7 +16,7 @@ OVERRIDES = [f"model.num_layers={L}", f"model.d_model={D}", f"model.num_heads={H
              f"optim.lr={LR}", f"optim.b1={BETAS[0]}", f"optim.b2={BETAS[1]}",
              f"optim.eps={EPS}", f"optim.weight_decay={WD}", f"optim.clip_norm={CLIP}",
              "optim.warmup_steps=0", "train.steps=100000", "train.time_budget=0",
-             "run.cpu_threaded_matmul=true"]
+             "run.cpu_threaded_matmul=true", "run.cpu_devices=1", "model.grad_barrier=false"]
 
 
 def load_average() -> float:

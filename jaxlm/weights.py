@@ -54,7 +54,8 @@ def model_config_of(path: str | Path) -> ModelConfig:
 
 
 # model.* fields a checkpoint leaves to the new run: how it computes, not what it is.
-RUN_FIELDS = ("init_from", "dropout", "attention", "dtype", "param_dtype", "remat")
+RUN_FIELDS = ("init_from", "dropout", "attention", "dtype", "param_dtype", "remat",
+              "grad_barrier")
 
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:

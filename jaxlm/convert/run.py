@@ -37,7 +37,8 @@ from jaxlm.train.state import TrainState, state_from_params, state_shardings
 from jaxlm.weights import model_config_of
 
 # model.* keys a conversion may set; the rest come from the HF config (they shape the params).
-MODEL_OVERRIDES = ("scan_layers", "remat", "dropout", "attention", "dtype", "param_dtype")
+MODEL_OVERRIDES = ("scan_layers", "remat", "grad_barrier", "dropout", "attention", "dtype",
+                   "param_dtype")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 

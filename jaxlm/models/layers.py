@@ -27,6 +27,28 @@ def ones_init(axes: Axes) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
+@jax.custom_vjp
+def materialize_grad(x: jax.Array) -> jax.Array:
+    """The identity forward; backward, the incoming gradient passed through a product with an
+    identity matrix. XLA fuses no elementwise chain through a matmul, so the gradient is
+    written once instead of recomputed inside each of its consumers (XLA's CPU fusion
+    duplicates a residual stream's layer-norm backward into every weight-gradient transpose
+    that reads it)."""
+    return x
+
+
+def _materialize_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _materialize_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+    return (jnp.einsum("...d,de->...e", g, eye),)
+
+
+materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 class Projection(nn.Module):
     """x[..., in_features] @ kernel[in_features, *features] (+ bias), in the compute dtype;
     with an `adapter` (jaxlm.lora.Adapter), plus its low-rank update from `lora_a`, `lora_b`."""

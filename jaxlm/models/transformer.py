@@ -17,7 +17,7 @@ from jaxlm import lora
 from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.models import attention as attn
 from jaxlm.models import context, ring_cache
-from jaxlm.models.layers import Embed, Mlp, Norm, Projection, normal_init
+from jaxlm.models.layers import Embed, Mlp, Norm, Projection, materialize_grad, normal_init
 from jaxlm.models.moe import MoeMlp
 from jaxlm.models.names import OUTPUT_HEAD, POSITION_TABLE
 
@@ -166,6 +166,8 @@ class Block(nn.Module):
         pre = cfg.norm_position == "pre"
 
         def residual(x, fn, norm_name):
+            if cfg.grad_barrier:
+                x = materialize_grad(x)
             if not pre:
                 return norm(norm_name)(x + drop(fn(x)))
             y = fn(norm(norm_name)(x))
