@@ -86,7 +86,7 @@ class ModelConfig:
     grad_barrier: bool = _f(False, "write each block's residual-stream gradient once (an "
                             "identity matmul in the backward pass), so XLA's CPU fusion does not "
                             "recompute the norms' backward in every consumer: faster for small "
-                            "models on CPU (the tiny config), not for W")
+                            "models on CPU in `jaxlm bench` (the tiny shape), not for W")
     init_from: str = _f("", "start a new run from these weights with a fresh optimizer: an HF "
                         "model directory, a jaxlm run directory or an export; its model.* "
                         "fields and tokenizer come with it (a model field set otherwise is "
