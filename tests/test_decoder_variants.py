@@ -178,8 +178,7 @@ def test_flops_count_the_pattern_local_layers(pattern, local):
 def test_gemma_like_flops_equal_the_traced_matmuls():
     """q/k norms, sandwich norms, soft-caps and a pattern add no matmul the count misses."""
     cfg = config_lib.load("tiny", ["model.preset=gemma3-tiny", "train.seq_len=32",
-                                   "train.batch_size=8", "model.max_seq_len=32",
-                                   "model.grad_barrier=false"])  # not the model's FLOPs
+                                   "train.batch_size=8", "model.max_seq_len=32"])
     s = setup.build(cfg)
     with jax.set_mesh(s.mesh):
         traced = perf.jaxpr_matmul_flops(s.train_step, s.abstract_state, s.abstract_batch())

@@ -20,8 +20,6 @@ from jaxlm.data.batch import LMBatch, MLMBatch, Seq2SeqBatch
 from jaxlm.families import registry, schema
 
 SMALL = TINY_MODEL
-# The grad barrier's identity products (on in the tiny config) are not the model's FLOPs.
-NO_BARRIER = "model.grad_barrier=false"
 # (config, extra overrides, expected batch type): one per family and data layout.
 CASES = {
     "decoder": ("tiny", [], LMBatch),
@@ -34,8 +32,7 @@ CASES = {
 
 
 def _cfg(name, extra=(), scan=True):
-    return config_lib.load(name, [*SMALL, *extra, f"model.scan_layers={str(scan).lower()}",
-                                  NO_BARRIER])
+    return config_lib.load(name, [*SMALL, *extra, f"model.scan_layers={str(scan).lower()}"])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -163,7 +160,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 
 def _traced_dense_flops(config):
-    s = setup.build(config_lib.load(config, [*SMALL, NO_BARRIER]))
+    s = setup.build(config_lib.load(config, SMALL))
     with jax.set_mesh(s.mesh):
         return perf.jaxpr_matmul_flops(s.train_step, s.abstract_state, s.abstract_batch())
 

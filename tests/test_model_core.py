@@ -73,8 +73,8 @@ def test_materialize_grad_is_the_identity_forward_and_backward():
 
 
 def _train_grads_and_dots(barrier):
-    cfg, model, variables, tokens = make([f"model.grad_barrier={barrier}",
-                                          "model.scan_layers=false"])
+    _, model, variables, tokens = make([f"model.grad_barrier={barrier}",
+                                        "model.scan_layers=false"])
     params = nn.unbox(variables)["params"]
     loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)
     hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
@@ -87,4 +87,3 @@ def test_grad_barrier_adds_one_product_per_residual_and_leaves_the_gradient_exac
     assert dots_on - dots_off == 2 * 2  # two residuals (attention, MLP) in each of 2 layers
     for a, b in zip(jax.tree.leaves(grads_on), jax.tree.leaves(grads_off), strict=True):
         np.testing.assert_array_equal(a, b)
-

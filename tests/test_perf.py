@@ -27,8 +27,7 @@ def cfg_of(*overrides: str):
 @pytest.mark.parametrize("scan", [False, True])
 def test_formula_with_dense_attention_equals_the_traced_matmul_flops(scan):
     """Scanned and unrolled stacks alike (every family: tests/test_families.py)."""
-    # The grad barrier's identity products (on in the tiny config) are not the model's FLOPs.
-    cfg = cfg_of(*TINY, f"model.scan_layers={str(scan).lower()}", "model.grad_barrier=false")
+    cfg = cfg_of(*TINY, f"model.scan_layers={str(scan).lower()}")
     s = setup.build(cfg)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     with jax.set_mesh(s.mesh):
