@@ -131,10 +131,12 @@ class BenchResult:
     flops_per_token_dense: float  # the same with the dense attention XLA executes
     cost_flops_per_token: float  # XLA cost analysis of the whole compiled step
     optimizer_flops_per_token: float  # ... of the optimizer update alone (all replicas)
+    barrier_flops_per_token: float  # the identity products of model.grad_barrier (traced)
     peak_flops_per_device: float
     peak_source: str
     mfu: float  # formula
-    mfu_cost_analysis: float  # XLA's forward+backward FLOPs (step minus optimizer) / peak
+    mfu_cost_analysis: float  # XLA's forward+backward FLOPs (step minus optimizer and
+    # grad barrier: no model work) / peak
     hfu_cost_analysis: float  # all the FLOPs XLA counts for the step / peak
     peak_memory_bytes_per_device: int
     rounds: int = 1  # timed rounds of `steps` steps (the median round's step time)
@@ -153,7 +155,9 @@ class BenchResult:
             f"FLOPs/token     {self.flops_per_token:.4g} (6N + 12·L·H·Q·T, causal halved); "
             f"dense attention {self.flops_per_token_dense:.4g}",
             f"XLA cost        {self.cost_flops_per_token:.4g} FLOPs/token for the step, of "
-            f"which the optimizer {self.optimizer_flops_per_token:.4g}",
+            f"which the optimizer {self.optimizer_flops_per_token:.4g}"
+            + (f", the grad barrier {self.barrier_flops_per_token:.4g}"
+               if self.barrier_flops_per_token else ""),
             f"peak            {self.peak_flops_per_device / 1e12:.3f} TFLOP/s per device "
             f"({self.peak_source})",
             f"MFU             {100 * self.mfu:.1f}% (formula)   "
@@ -207,6 +211,15 @@ def optimizer_flops(setup: StepSetup) -> float:
     return perf.cost_flops(compiled, setup.mesh.size)
 
 
+def barrier_flops(setup: StepSetup) -> float:
+    """FLOPs of model.grad_barrier's identity products in one step (0 when it is off)."""
+    if not setup.cfg.model.grad_barrier:
+        return 0.0
+    with jax.set_mesh(setup.mesh):
+        return perf.jaxpr_matmul_flops(setup.train_step, setup.abstract_state,
+                                       setup.abstract_batch(), barrier=True)
+
+
 def summarize(setup: Compiled, times: dict[str, list[float]]) -> BenchResult:
     """The result of timed steps: `times["step"]` holds seconds per step (of single steps
     or of rounds)."""
@@ -219,6 +232,7 @@ def summarize(setup: Compiled, times: dict[str, list[float]]) -> BenchResult:
     peak, _, source = perf.device_peak(cfg.model.dtype, setup.mesh.devices.flat[0])
     cost_fpt = cost_analysis_flops(setup) / tokens
     opt_fpt = optimizer_flops(setup.setup) / tokens
+    barrier_fpt = barrier_flops(setup.setup) / tokens
     return BenchResult(
         preset=cfg.model.preset, family=cfg.model.family,
         params=count_params(setup.setup.abstract_state.params),
@@ -228,7 +242,8 @@ def summarize(setup: Compiled, times: dict[str, list[float]]) -> BenchResult:
         flops_per_token=fpt,
         flops_per_token_dense=setup.setup.flops_per_token(causal_halved=False),
         cost_flops_per_token=cost_fpt, optimizer_flops_per_token=opt_fpt,
+        barrier_flops_per_token=barrier_fpt,
         peak_flops_per_device=peak, peak_source=source, mfu=perf.mfu(tps, fpt, peak, n_dev),
-        mfu_cost_analysis=perf.mfu(tps, cost_fpt - opt_fpt, peak, n_dev),
+        mfu_cost_analysis=perf.mfu(tps, cost_fpt - opt_fpt - barrier_fpt, peak, n_dev),
         hfu_cost_analysis=perf.mfu(tps, cost_fpt, peak, n_dev),
         peak_memory_bytes_per_device=perf.peak_memory(setup.step)["peak_bytes"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -659,8 +660,10 @@ def validate(cfg: Config) -> None:
     _check_experts(m)
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not 0 < cfg.optim.lr < math.inf:
+        raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr}")
+    if not 0 < cfg.optim.eps < math.inf:  # Adam divides by sqrt(nu) + eps
+        raise ConfigError(f"optim.eps must be a positive number, got {cfg.optim.eps}")
     if not 0 < cfg.optim.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got "
                           f"{cfg.optim.decay_fraction}")

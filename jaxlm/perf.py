@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.models.layers import GRAD_BARRIER_SCOPE
+
 # device_kind substring -> {dtype: peak FLOP/s per chip}, HBM bandwidth (bytes/s).
 # float32 on TPU runs the MXU at default precision (bf16 passes), on A100/H100/H200 JAX's
 # default float32 matmul precision uses TF32 tensor cores: the table lists what a float32
@@ -190,11 +192,13 @@ def peak_memory(compiled: Any) -> dict[str, int]:
             "alias_bytes": alias, "peak_bytes": arg + tmp + out - alias}
 
 
-def jaxpr_matmul_flops(fn: Callable, *args: Any) -> float:
+def jaxpr_matmul_flops(fn: Callable, *args: Any, barrier: bool = False) -> float:
     """FLOPs of every dot_general in the traced program of fn(*args), loop bodies multiplied
-    by their trip counts: the matmul work exactly, without elementwise ops."""
+    by their trip counts: the matmul work exactly, without elementwise ops. The identity
+    products of model.grad_barrier are no model work and are left out; `barrier=True` counts
+    them alone instead."""
     closed = jax.make_jaxpr(fn)(*args)
-    return _count_dots(closed.jaxpr)
+    return _count_dots(closed.jaxpr, barrier)
 
 
 def _ragged_dot_flops(eqn: Any) -> float:
@@ -207,9 +211,12 @@ def _ragged_dot_flops(eqn: Any) -> float:
     return 2.0 * math.prod(lhs) * math.prod(n for d, n in enumerate(rhs) if d not in skip)
 
 
-def _count_dots(jaxpr: Any) -> float:
+def _count_dots(jaxpr: Any, barrier: bool) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "ragged_dot_general") and barrier != (
+                GRAD_BARRIER_SCOPE in str(eqn.source_info.name_stack)):
+            continue
         if eqn.primitive.name == "dot_general":
             (lc, _), (lb, _) = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
@@ -224,5 +231,5 @@ def _count_dots(jaxpr: Any) -> float:
             for j in (v if isinstance(v, (tuple, list)) else (v,)):
                 inner = getattr(j, "jaxpr", j)
                 if hasattr(inner, "eqns"):
-                    total += times * _count_dots(inner)
+                    total += times * _count_dots(inner, barrier)
     return total

@@ -189,3 +189,40 @@ def test_masks_differ_between_keys_and_between_train_steps():
         seen.append((float(metrics["num_tokens"]), float(metrics["nll_sum"])))
     assert len(set(seen)) == 4, seen  # 4 different masks of the same 512 tokens
     assert all(_binomial_ok(int(n), 512, 0.15) for n, _ in seen), seen
+
+
+def _lookup_step(lr: float, guard: bool = True):
+    """A train step around a bare lookup-table "model" with AdamW at a constant `lr`."""
+    V = 32
+    model = types.SimpleNamespace(
+        apply=lambda variables, x, **kw: jnp.take(variables["params"]["logits"], x, axis=0))
+    params = {"logits": jax.random.normal(jax.random.PRNGKey(2), (V, V))}
+    schedule = optax.constant_schedule(lr)
+    tx = optax.adamw(schedule, weight_decay=0.1)
+    loss_fn = functools.partial(masked_lm_loss, mask_id=V - 1, vocab_size=V)
+    step = jax.jit(make_train_step(model, tx, schedule, loss_fn=loss_fn, guard=guard))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V - 1, (4, 16)), jnp.int32)
+    return step, state, MLMBatch(inputs=tokens, loss_mask=jnp.ones(tokens.shape, jnp.float32))
+
+
+def test_the_guard_skips_a_step_with_a_non_finite_lr_or_loss_and_changes_no_good_step():
+    step, state, batch = _lookup_step(1e-2)
+    unguarded, _, _ = _lookup_step(1e-2, guard=False)
+    copy = lambda s: jax.tree.map(jnp.copy, s)
+    new, metrics = step(copy(state), batch)
+    same, _ = unguarded(copy(state), batch)
+    assert int(metrics["bad_step"]) == 0 and int(new.step) == 1
+    assert not np.allclose(new.params["logits"], state.params["logits"])
+    jax.tree.map(np.testing.assert_array_equal, new, same)  # the conditional is exact
+
+    def assert_skipped(state, new, metrics):
+        assert int(metrics["bad_step"]) == 1 and int(new.step) == 1
+        jax.tree.map(np.testing.assert_array_equal, (new.params, new.opt_state),
+                     (state.params, state.opt_state))
+
+    bad_lr, _, _ = _lookup_step(float("nan"))
+    assert_skipped(state, *bad_lr(copy(state), batch))
+    poisoned = state.replace(params={"logits": state.params["logits"].at[:, 0].set(jnp.nan)})
+    assert_skipped(poisoned, *step(copy(poisoned), batch))  # a non-finite loss

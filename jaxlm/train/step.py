@@ -35,10 +35,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     """Returns step(state, batch) -> (state, metrics).
 
     Gradients are averaged over all unmasked tokens of the global batch, also when it is
-    split into `grad_accum_steps` micro-batches. A step whose loss or gradient norm is not
-    finite leaves the state unchanged (bad_step=1 in its metrics); `guard=False` leaves that
-    check out, only to measure its cost (benchmarks/step_variants.py). Only the `trainable`
-    parameters are differentiated and updated (LoRA: the adapters); the rest pass through.
+    split into `grad_accum_steps` micro-batches. A step whose loss, gradient norm or learning
+    rate is not finite leaves the state unchanged (bad_step=1 in its metrics); with finite
+    ones AdamW's update is finite (config.validate requires optim.eps > 0). `guard=False`
+    leaves that check out, only to measure its cost (benchmarks/step_variants.py). Only the
+    `trainable` parameters are differentiated and updated (LoRA: the adapters); the rest
+    pass through.
     """
 
     def grads_of(trained, frozen, micro, rng):
@@ -75,17 +77,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
             grads = jax.tree.map(lambda g: g / denom, grads)
             loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, trained)
-        new_trained = optax.apply_updates(trained, updates)
-        # Also guard the update itself: a non-finite learning rate gives finite gradients.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
-            optax.tree.norm(updates)) if guard else jnp.bool_(True)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        lr = schedule(state.step)
+        ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr) if guard
+              else jnp.bool_(True))
+
+        def update(operands):
+            params, opt_state = operands
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # A conditional rather than a select of the new or the old state: the update runs
+        # only on good steps, in one pass over the state (a select after it needs all of it
+        # computed first, then a second pass).
+        operands = (trained, state.opt_state)
+        new_trained, new_opt_state = (jax.lax.cond(ok, update, lambda o: o, operands)
+                                      if guard else update(operands))
         # replace: fields the optimizer never sees (DPO's reference) pass through.
         new_state = state.replace(step=state.step + 1,
-                                  params=trainable.join(keep(new_trained, trained), frozen),
-                                  opt_state=keep(new_opt_state, state.opt_state))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                                  params=trainable.join(new_trained, frozen),
+                                  opt_state=new_opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                    "num_tokens": sums["num_tokens"], "nll_sum": sums["nll_sum"],
                    "bad_step": (~ok).astype(jnp.int32), **token_means(sums)}
         return new_state, metrics
