@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
+from jaxlm import perf
 from jaxlm.families.registry import build_model
 
 TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_ff=64",
@@ -73,17 +74,23 @@ def test_materialize_grad_is_the_identity_forward_and_backward():
 
 
 def _train_grads_and_dots(barrier):
-    _, model, variables, tokens = make([f"model.grad_barrier={barrier}",
-                                        "model.scan_layers=false"])
+    cfg, model, variables, tokens = make([f"model.grad_barrier={barrier}",
+                                          "model.scan_layers=false"])
     params = nn.unbox(variables)["params"]
     loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)
     hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
-    return jax.grad(loss)(params), hlo.count("stablehlo.dot_general")
+    flops = {b: perf.jaxpr_matmul_flops(jax.grad(loss), params, barrier=b) for b in (False, True)}
+    return jax.grad(loss)(params), hlo.count("stablehlo.dot_general"), flops, cfg, tokens.size
 
 
 def test_grad_barrier_adds_one_product_per_residual_and_leaves_the_gradient_exact():
-    grads_on, dots_on = _train_grads_and_dots("true")
-    grads_off, dots_off = _train_grads_and_dots("false")
+    grads_on, dots_on, flops_on, cfg, tokens = _train_grads_and_dots("true")
+    grads_off, dots_off, flops_off, _, _ = _train_grads_and_dots("false")
     assert dots_on - dots_off == 2 * 2  # two residuals (attention, MLP) in each of 2 layers
+    # The FLOP counts leave the identity products out of the model's work, and count them
+    # alone when asked: a d x d product per residual, token and layer.
+    d = cfg.model.d_model
+    assert flops_on[False] == flops_off[False] and flops_off[True] == 0
+    assert flops_on[True] == 2 * cfg.model.num_layers * tokens * 2 * d * d
     for a, b in zip(jax.tree.leaves(grads_on), jax.tree.leaves(grads_off), strict=True):
         np.testing.assert_array_equal(a, b)
