@@ -661,9 +661,9 @@ def validate(cfg: Config) -> None:
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0 < cfg.optim.lr < math.inf:
-        raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr}")
+        raise ConfigError(f"optim.lr must be positive and finite, got {cfg.optim.lr}")
     if not 0 < cfg.optim.eps < math.inf:  # Adam divides by sqrt(nu) + eps
-        raise ConfigError(f"optim.eps must be a positive number, got {cfg.optim.eps}")
+        raise ConfigError(f"optim.eps must be positive and finite, got {cfg.optim.eps}")
     if not 0 < cfg.optim.decay_fraction <= 1:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got "
                           f"{cfg.optim.decay_fraction}")
