@@ -214,9 +214,9 @@ def _ragged_dot_flops(eqn: Any) -> float:
 def _count_dots(jaxpr: Any, barrier: bool) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("dot_general", "ragged_dot_general") and barrier != (
-                GRAD_BARRIER_SCOPE in str(eqn.source_info.name_stack)):
-            continue
+        is_dot = eqn.primitive.name in ("dot_general", "ragged_dot_general")
+        if is_dot and (GRAD_BARRIER_SCOPE in str(eqn.source_info.name_stack)) != barrier:
+            continue  # counted in the other mode
         if eqn.primitive.name == "dot_general":
             (lc, _), (lb, _) = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape

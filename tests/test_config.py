@@ -40,6 +40,8 @@ def test_round_trip_through_yaml():
     (["train.seq_len=4096"], "exceeds model.max_seq_len"),
     (["model.num_kv_heads=3"], "not a multiple of model.num_kv_heads"),
     (["train.steps=0"], "train.steps must be positive"),
+    (["optim.lr=.nan"], "optim.lr must be positive and finite"),
+    (["optim.eps=0"], "optim.eps must be positive and finite"),
     (["mesh.data=0"], "mesh.data must be a positive size or -1"),
 ])
 def test_bad_overrides_name_the_problem(overrides, needle):
