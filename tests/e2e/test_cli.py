@@ -6,7 +6,10 @@ import yaml
 from jaxlm.cli import main
 
 
-def test_overrides_may_follow_flags(capsys):
+def test_overrides_may_follow_flags(capsys, monkeypatch, tmp_path):
+    # away from the checkout: after the README's first command its runs/tiny holds a run whose
+    # seed this override would change, which train refuses
+    monkeypatch.chdir(tmp_path)
     assert main(["train", "--print-config", "train.steps=5", "--quiet", "seed=3"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["seed"] == 3 and cfg["train"]["steps"] == 5 and cfg["run"]["quiet"] is True
