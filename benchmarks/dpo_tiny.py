@@ -4,7 +4,8 @@ held-out preference metrics before and after DPO.
     python benchmarks/dpo_tiny.py [--workdir DIR] [--dpo k=v ...]
 
 In DIR (default: the current directory) it runs, as a user would,
-  jaxlm train model.max_seq_len=128 train.seq_len=128 run.dir=runs/tiny-128   (the base)
+  jaxlm train model.num_layers=4 model.d_model=128 model.d_ff=512 model.max_seq_len=128 \
+      train.seq_len=128 run.dir=runs/tiny-128   (the base)
   jaxlm train --config sft-tiny     -> runs/sft-tiny  (chat SFT on the chat tasks)
   jaxlm train --config dpo-tiny     -> runs/dpo-tiny  (DPO on data.name=chat-preferences)
 each a fresh process (a run directory that already holds a finished run just resumes at its
@@ -29,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sft_tiny import BASE_SHAPE
 
 COLUMNS = ("eval_dpo_accuracy", "eval_dpo_logp_accuracy", "eval_dpo_reward_margin",
            "eval_dpo_chosen_nll", "eval_loss")
@@ -118,7 +121,7 @@ def main() -> None:
     args = p.parse_args()
     cwd = Path(args.workdir).absolute()
     cwd.mkdir(parents=True, exist_ok=True)
-    commands = [run(["train", "model.max_seq_len=128", "train.seq_len=128",
+    commands = [run(["train", *BASE_SHAPE, "model.max_seq_len=128", "train.seq_len=128",
                      "run.dir=runs/tiny-128", "run.quiet=true"], cwd),
                 run(["train", "--config", "sft-tiny", "run.quiet=true"], cwd)]
     before = before_dpo(cwd, args.dpo)
