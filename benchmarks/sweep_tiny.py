@@ -1,8 +1,9 @@
 """A sweep of the default recipe (`configs/tiny.yaml`: a GPT-2-shaped byte-level model trained
 from scratch on Shakespeare, two plays held out) under a time budget per run.
 
-    python benchmarks/sweep_tiny.py [--budget 290] [--axes lr warmup ...] [--limit N]
-                                    [--out sweep.jsonl] [--workdir DIR] [--base k=v ...]
+    python benchmarks/sweep_tiny.py [--budget 290 | --steps N] [--axes lr warmup ...]
+                                    [--limit N] [--out sweep.jsonl] [--workdir DIR]
+                                    [--base k=v ...]
 
 Each run is `jaxlm train --config tiny` in a fresh process with `train.time_budget=BUDGET`
 (its steps are planned from the measured step time, its schedule decayed over them) and the
@@ -13,6 +14,9 @@ loss of its last evaluation (nats per byte), tokens/s and the load average at it
 Rows go to `--out` as they finish (JSON lines); a rerun with the same `--out` skips the runs
 it already holds, so an interrupted sweep resumes. The table is printed at the end.
 Run it on a machine with nothing else running: the budget makes the result depend on speed.
+With `--steps N` every run trains exactly N steps instead (no budget): its loss then does not
+depend on the machine or its load, so runs may share the machine; compare shapes of different
+speed at the step counts that take the same time (`jaxlm bench` gives the ratio).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ AXES: dict[str, list[tuple[str, list[str]]]] = {
     "warmup": [(f"warmup {w}", [f"optim.warmup_steps={w}"]) for w in (0, 50, 100, 300, 1000)],
     "schedule": [(f"cosine to {r:g}·lr", [f"optim.min_lr_ratio={r:g}"])
                  for r in (0.0, 0.1, 0.3)],
-    "shape": [_shape(4, 128, 4), _shape(3, 128, 4), _shape(6, 128, 4), _shape(2, 192, 6),
+    "shape": [_shape(2, 96, 4), _shape(3, 96, 4), _shape(4, 96, 4), _shape(4, 128, 4),
+              _shape(3, 128, 4), _shape(4, 64, 4), _shape(6, 128, 4), _shape(2, 192, 6),
               _shape(4, 192, 6), _shape(6, 96, 4), _shape(8, 96, 4)],
     "weight_decay": [(f"weight decay {wd:g}", [f"optim.weight_decay={wd:g}"])
                      for wd in (0.0, 0.1, 0.3)],
@@ -64,17 +69,22 @@ def merge(base: list[str], overrides: list[str]) -> list[str]:
     return [b for b in base if b.split("=", 1)[0] not in keys] + list(overrides)
 
 
-def run_one(overrides: list[str], budget: float, workdir: Path, name: str) -> dict:
-    """One `jaxlm train` in its own process; the result row (or its error)."""
+def run_one(overrides: list[str], budget: float, workdir: Path, name: str,
+            steps: int = 0) -> dict:
+    """One `jaxlm train` in its own process; the result row (or its error). `steps` > 0
+    trains exactly that many steps instead of planning them from `budget`."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    length = ([f"train.steps={steps}", "train.time_budget=0"] if steps
+              else [f"train.time_budget={budget:g}"])
     cmd = [sys.executable, "-m", "jaxlm", "train", "--config", "tiny", f"run.dir={run_dir}",
-           *FIXED, f"train.time_budget={budget:g}", *overrides]
+           *FIXED, *length, *overrides]
     load = os.getloadavg()[0]
     t0 = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
     run_dir.with_suffix(".log").write_text(out.stdout + out.stderr)
-    row = {"name": name, "overrides": overrides, "budget": budget, "wall": round(wall, 1),
+    row = {"name": name, "overrides": overrides, "budget": 0 if steps else budget,
+           "wall": round(wall, 1),
            "load": round(load, 2), "run_dir": str(run_dir), "code": out.returncode}
     if out.returncode != 0:
         return {**row, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
@@ -92,10 +102,10 @@ def sweep(args: argparse.Namespace, done: dict[str, dict], out: Path) -> list[di
             if args.limit and len(rows) >= args.limit:
                 return rows
             recipe = merge(best, overrides)
-            key = " ".join(recipe)
+            key = " ".join(recipe) + (f" steps={args.steps}" if args.steps else "")
             row = done.get(key)
             if row is None or "error" in row:  # failed runs are tried again
-                row = done[key] = run_one(recipe, args.budget, args.workdir, label)
+                row = done[key] = run_one(recipe, args.budget, args.workdir, label, args.steps)
                 with out.open("a") as f:
                     f.write(json.dumps({"key": key, **row}) + "\n")
             print(f"{axis:12s} {label:22s} {_result(row)}", file=sys.stderr, flush=True)
@@ -129,6 +139,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=290.0, help="train.time_budget per run (s)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train exactly this many steps per run instead of a budget (0 = budget)")
     ap.add_argument("--axes", nargs="+", choices=list(AXES), default=list(AXES),
                     help="axes to sweep, in this order")
     ap.add_argument("--limit", type=int, default=0, help="stop after N runs (0 = all)")
