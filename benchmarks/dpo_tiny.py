@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sft_tiny import BASE_SHAPE
+from sft_tiny import base_shape
 
 COLUMNS = ("eval_dpo_accuracy", "eval_dpo_logp_accuracy", "eval_dpo_reward_margin",
            "eval_dpo_chosen_nll", "eval_loss")
@@ -121,7 +121,7 @@ def main() -> None:
     args = p.parse_args()
     cwd = Path(args.workdir).absolute()
     cwd.mkdir(parents=True, exist_ok=True)
-    commands = [run(["train", *BASE_SHAPE, "model.max_seq_len=128", "train.seq_len=128",
+    commands = [run(["train", *base_shape(), "model.max_seq_len=128", "train.seq_len=128",
                      "run.dir=runs/tiny-128", "run.quiet=true"], cwd),
                 run(["train", "--config", "sft-tiny", "run.quiet=true"], cwd)]
     before = before_dpo(cwd, args.dpo)

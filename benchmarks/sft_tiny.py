@@ -20,13 +20,18 @@ import sys
 from pathlib import Path
 
 import jaxlm
+from jaxlm import config as config_lib
 from jaxlm.data import chat, chat_tasks
 from jaxlm.dialogue import exact_match
 from jaxlm.train import rundir
 
-# The base's shape (configs/sft-tiny.yaml repeats it): the default recipe's until 2026-12-04,
-# kept so the chat figures in benchmarks/README.md stay reproducible.
-BASE_SHAPE = ["model.num_layers=4", "model.d_model=128", "model.d_ff=512"]
+
+def base_shape() -> list[str]:
+    """Overrides that give the base the shape configs/sft-tiny.yaml repeats (init_from
+    refuses another): 4 × 128, the default recipe's until 2026-12-04."""
+    model = config_lib.load("sft-tiny").model
+    return [f"model.num_layers={model.num_layers}", f"model.d_model={model.d_model}",
+            f"model.num_heads={model.num_heads}", f"model.d_ff={model.d_ff}"]
 
 
 def uptime() -> str:
@@ -63,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     base, sft = Path(args.base), Path(args.sft)
     print(f"load before: {uptime()}", flush=True)
-    walls = {"base": train(base, [*BASE_SHAPE, "model.max_seq_len=128",
+    walls = {"base": train(base, [*base_shape(), "model.max_seq_len=128",
                                    "train.seq_len=128"]),
              "sft": train(sft, ["--config", "sft-tiny", f"model.init_from={base}",
                                 *args.overrides])}

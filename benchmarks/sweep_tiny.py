@@ -59,8 +59,7 @@ AXES: dict[str, list[tuple[str, list[str]]]] = {
 # Where the greedy sweep starts: the issue's faster recipe (more, smaller steps).
 BASE = [*_context(8, 64)[1], "optim.lr=2e-3", "optim.warmup_steps=100"]
 # Kept in every run: what the shipped default does besides training (evaluations, saves).
-FIXED = ["train.steps=1000000", "train.eval_every=1000", "train.eval_batches=16",
-         "checkpoint.every=1000"]
+FIXED = ["train.eval_every=1000", "train.eval_batches=16", "checkpoint.every=1000"]
 
 
 def merge(base: list[str], overrides: list[str]) -> list[str]:
@@ -75,7 +74,7 @@ def run_one(overrides: list[str], budget: float, workdir: Path, name: str,
     trains exactly that many steps instead of planning them from `budget`."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     length = ([f"train.steps={steps}", "train.time_budget=0"] if steps
-              else [f"train.time_budget={budget:g}"])
+              else ["train.steps=1000000", f"train.time_budget={budget:g}"])
     cmd = [sys.executable, "-m", "jaxlm", "train", "--config", "tiny", f"run.dir={run_dir}",
            *FIXED, *length, *overrides]
     load = os.getloadavg()[0]
@@ -138,9 +137,11 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=290.0, help="train.time_budget per run (s)")
-    ap.add_argument("--steps", type=int, default=0,
-                    help="train exactly this many steps per run instead of a budget (0 = budget)")
+    length = ap.add_mutually_exclusive_group()
+    length.add_argument("--budget", type=float, default=290.0,
+                        help="train.time_budget per run (s)")
+    length.add_argument("--steps", type=int, default=0,
+                        help="train exactly this many steps per run instead of a budget")
     ap.add_argument("--axes", nargs="+", choices=list(AXES), default=list(AXES),
                     help="axes to sweep, in this order")
     ap.add_argument("--limit", type=int, default=0, help="stop after N runs (0 = all)")
