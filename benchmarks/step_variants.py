@@ -5,7 +5,9 @@ variant once (the order reversed every other round), so all see the same machine
 
 Variants: `default` (the step as configured), `chunkN` (train.loss_chunk=N: the chunked
 cross entropy), `noguard` (the step without its non-finite guard, to measure what the guard
-costs), `set:key=value,...` (any other overrides). Each step is waited for and timed.
+costs), `xla-transpose` (projections differentiated by XLA's own transpose rule instead of
+the CPU's written-out backward pass, jaxlm.models.matmul), `set:key=value,...` (any other
+overrides). Each step is waited for and timed.
 Reported per variant: tokens/s of the median and of the fastest step (under load the fastest
 shows the step's own speed best), median process CPU seconds per step, each against the
 first variant, and XLA's peak memory of the compiled step. The load average is printed
@@ -26,6 +28,7 @@ from workload_w import OVERRIDES, load_average
 
 from jaxlm import config as config_lib
 from jaxlm import perf, sharding
+from jaxlm.models import matmul
 from jaxlm.setup import StepSetup, build
 from jaxlm.train.step import jit_train_step, make_train_step
 
@@ -37,7 +40,7 @@ def variant_setup(name: str) -> StepSetup:
         extra = [f"train.loss_chunk={int(name[5:])}"]
     elif name.startswith("set:"):
         extra = name[4:].split(",")
-    elif name not in ("default", "noguard"):
+    elif name not in ("default", "noguard", "xla-transpose"):
         raise SystemExit(f"unknown variant {name}")
     setup = build(config_lib.load("tiny", OVERRIDES + extra))
     if name == "noguard":
@@ -54,9 +57,13 @@ class Runner:
     def __init__(self, name: str, batches: list) -> None:
         self.name, self.setup = name, variant_setup(name)
         self.state = self.setup.init_state()
+        backends = matmul.WRITTEN_OUT_BACKENDS
+        if name == "xla-transpose":
+            matmul.WRITTEN_OUT_BACKENDS = ()  # read when the step is traced, just below
         with jax.set_mesh(self.setup.mesh):
             self.batches = [sharding.host_batch_to_global(b, self.setup.mesh) for b in batches]
             self.step = self.setup.train_step.lower(self.state, self.batches[0]).compile()
+        matmul.WRITTEN_OUT_BACKENDS = backends
         self.peak_bytes = perf.peak_memory(self.step)["peak_bytes"]
 
     def round(self, steps: int) -> tuple[list[float], float]:

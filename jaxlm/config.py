@@ -44,7 +44,8 @@ class ModelConfig:
     vocab_size: int = _f(50257, "embedding rows; must cover the tokenizer's ids")
     max_seq_len: int = _f(1024, "longest sequence the position encoding supports")
     attention: str = _f("auto", "attention kernel: reference | xla | cudnn (NVIDIA) | splash "
-                        "| flash (TPU Pallas) | chunked (O(n) memory) | auto (best for backend)")
+                        "| flash (TPU Pallas) | chunked (O(n) memory) | triangular (causal "
+                        "slices, skips masked keys) | auto (best for backend)")
     context_attention: str = _f("ring", "attention across mesh.context shards: ring (key/value "
                                 "blocks passed from shard to shard, merged by an online "
                                 "softmax: O(length / context) memory) | allgather (each shard "
@@ -599,7 +600,8 @@ def dump(cfg: Config) -> str:
 _CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
     "optim.schedule": ("cosine", "wsd"),
-    "model.attention": ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto"),
+    "model.attention": ("reference", "xla", "cudnn", "splash", "flash", "chunked", "triangular",
+                        "auto"),
     "model.context_attention": ("ring", "allgather"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),

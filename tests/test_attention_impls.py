@@ -18,6 +18,7 @@ from jaxlm.models import attention as attn
 from jaxlm.models.kernels.chunked import chunked_attention
 from jaxlm.models.kernels.flash import flash_attention
 from jaxlm.models.kernels.splash import splash_attention
+from jaxlm.models.kernels.triangular import triangular_attention
 from jaxlm.objectives import causal_lm_loss
 
 RTOL = 1e-5
@@ -76,8 +77,8 @@ def _check_against_reference(fn, q, k, v, mask, bias=None):
 # ---------------------------------------------------------------- pure-JAX implementations
 
 @pytest.mark.parametrize("impl,kind", [
-    *[("chunked", kind) for kind in ("causal", "padding", "segments", "window",
-                                     "bidirectional_padding", "all")],
+    *[(impl, kind) for impl in ("chunked", "triangular")
+      for kind in ("causal", "padding", "segments", "window", "bidirectional_padding", "all")],
     ("xla", "all"), ("xla", "bidirectional_padding")])
 def test_matches_reference_for_each_mask(impl, kind):
     q, k, v = _qkv(2, 24, 24)
@@ -95,6 +96,36 @@ def test_chunked_with_many_tiles_matches_reference(kind):
     _check_against_reference(
         lambda q, k, v, b: chunked_attention(q, k, v, mask, b, scale=H ** -0.5, q_block=8,
                                              kv_block=16), q, k, v, mask)
+
+
+@pytest.mark.parametrize("slices", [1, 3, 5])
+@pytest.mark.parametrize("cap", [0.0, 2.0])
+def test_triangular_slices_bias_and_softcap_match_reference(slices, cap):
+    """Uneven slices (37 queries), a learned bias with its gradient, a soft-cap, MQA."""
+    q, _, _ = _qkv(2, 37, 37)
+    _, k, v = _qkv(2, 37, 37, seed=1, kv_heads=1)
+    mask = _masks(2, 37)["all"]
+    dense = mask.dense(37, 37)
+    fn = lambda q, k, v, b: triangular_attention(q, k, v, mask, b, scale=0.3, cap=cap,
+                                                 slices=slices)
+    ref = lambda q, k, v, b: attn.attention(q, k, v, dense, b, scale=0.3, cap=cap)
+    bias = _bias(37, 37)
+    assert _rel_err(jax.jit(fn)(q, k, v, bias), ref(q, k, v, bias)) <= RTOL
+    g = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2, 3)))(
+        q, k, v, bias)
+    for got, want in zip(g(fn), g(ref)):
+        assert _rel_err(got, want) <= RTOL
+
+
+def test_triangular_computes_only_the_visible_keys():
+    """Four causal slices of 256 queries: the forward's products (scores and values) read
+    the first 64, 128, 192 and 256 keys, 10 of 16 key tiles."""
+    q, k, v = _qkv(1, 256, 256)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: triangular_attention(
+        q, k, v, attn.MaskSpec(causal=True), scale=0.25, slices=4))(q, k, v)
+    key_lengths = [a.shape[1] for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"
+                   for a in (e.invars[0].aval, e.invars[1].aval) if a.shape[2:] == (K, H)]
+    assert sorted(key_lengths) == [64, 64, 128, 128, 192, 192, 256, 256]
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
@@ -210,9 +241,17 @@ def test_tpu_flash_kernel_under_force_tpu_interpret_mode():
 
 # ---------------------------------------------------------------- choice and errors
 
-def test_auto_is_xla_on_cpu_and_cudnn_asks_for_a_gpu():
+def test_auto_on_cpu_and_cudnn_asks_for_a_gpu():
+    """On CPU: triangular for causal self-attention of two slices or more, else xla."""
     q, k, v = _qkv(1, 8, 8)
+    long_q = jnp.zeros((1, 128, N, H))
+    causal = attn.MaskSpec(causal=True)
     assert attn.resolve_impl("auto", q, None, None) == "xla"
+    assert attn.resolve_impl("auto", q, causal, None) == "xla"  # one slice: nothing skipped
+    assert attn.resolve_impl("auto", long_q, causal, None) == "triangular"
+    assert attn.resolve_impl("auto", long_q, attn.MaskSpec(), None) == "xla"
+    decoding = attn.MaskSpec(causal=True, q_offset=jnp.asarray(3))
+    assert attn.resolve_impl("auto", long_q, decoding, None) == "xla"
     with pytest.raises(ConfigError, match="NVIDIA GPU.*'cpu'.*xla or chunked"):
         attn.attention(q, k, v, impl="cudnn")
 
@@ -230,9 +269,10 @@ def test_clear_error_where_a_kernel_cannot_apply_mask_or_bias(impl, mask, bias, 
         attn.attention(q, k, v, masks[mask], _bias(8, 8) if bias else None, impl=impl)
 
 
-@pytest.mark.parametrize("impl", ["splash", "flash"])
+@pytest.mark.parametrize("impl", ["splash", "flash", "triangular"])
 def test_kv_cache_decoding_steps_fall_back_to_xla(impl):
-    """Queries after a KV cache (a query offset) are beyond the TPU kernels: XLA serves."""
+    """Queries after a KV cache (a query offset) are beyond the TPU kernels and the causal
+    slices: XLA serves."""
     q, k, v = _qkv(1, 2, 8)
     spec = attn.MaskSpec(causal=True, q_offset=jnp.asarray(5))
     want = attn.attention(q, k, v, spec.dense(2, 8))
@@ -277,7 +317,8 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("change", [dict(attention="chunked", remat="dots_saveable"),
-                                    dict(attention="splash", remat="offload")])
+                                    dict(attention="splash", remat="offload"),
+                                    dict(attention="triangular")])
 def test_model_with_each_kernel_and_remat_matches_reference(tiny_model, change):
     """Scanned layers with GPT-3 local layers (a traced per-layer window switch) and packed
     documents: the loss and every gradient agree with the reference attention."""
@@ -300,7 +341,7 @@ def test_bfloat16_compute_keeps_params_softmax_logits_and_loss_in_float32(tiny_m
     assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     # Inside attention, the exponentials (softmax) run in float32 on bfloat16 inputs.
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(1, 8, 8))
-    for impl in ("reference", "chunked"):
+    for impl in ("reference", "chunked", "triangular"):
         fn = lambda q, k, v, impl=impl: attn.attention(q, k, v, attn.MaskSpec(causal=True),
                                                        impl=impl)
         jaxpr = jax.make_jaxpr(fn)(q, k, v)

@@ -14,9 +14,13 @@ Implementations (`impl`, config `model.attention`):
   splash     Pallas TPU splash attention (no bias; structured masks only)
   flash      Pallas TPU flash attention (takes a bias; no local window)
   chunked    pure-JAX blockwise online softmax: O(T·block) memory, every backend
+  triangular pure-JAX causal attention in static query slices that skip the masked-out keys
+             (about 5/8 of dense attention's pairs at 4 slices); dense-attention memory
   auto       cudnn on NVIDIA GPUs, splash (or flash with a bias) on TPU, where the inputs
-             allow; xla otherwise
-KV-cache decoding steps (a MaskSpec with q_offset) under splash or flash run on xla.
+             allow; on CPU triangular for causal self-attention of 128 tokens or more;
+             xla otherwise
+KV-cache decoding steps (a MaskSpec with q_offset) under splash, flash or triangular run on
+xla, as do inputs triangular cannot take (a dense mask array, fewer queries than keys).
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import NO_SOFTCAP_KERNELS, ConfigError, ModelConfig
+from jaxlm.models.kernels import triangular
 from jaxlm.models.kernels.chunked import chunked_attention
 from jaxlm.models.kernels.mask import MaskSpec
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "splash", "flash", "chunked", "auto")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "splash", "flash", "chunked", "triangular",
+                   "auto")
 __all__ = ["IMPLEMENTATIONS", "MaskSpec", "attention", "causal_mask", "combine_masks",
            "local_layers", "local_window_mask", "padding_mask", "pattern_of", "resolve_impl",
            "rope", "rope_frequencies", "segment_mask", "select_mask", "sinusoidal_positions",
@@ -186,6 +192,10 @@ def resolve_impl(impl: str, q_BTNH: jax.Array, mask, bias_BNTS, cap: float = 0.0
             return "splash"
         if (mask is None or not mask.window) and not cap:
             return "flash"
+    if (backend == "cpu" and isinstance(mask, MaskSpec) and mask.causal
+            and triangular.supports(q_BTNH, q_BTNH, mask)
+            and triangular.default_slices(q_BTNH.shape[1]) > 1):
+        return "triangular"
     return "xla"
 
 
@@ -224,6 +234,12 @@ def attention(
         # KV-cache decoding: a few queries after the cache, which the TPU kernels can't
         # place; this step is small, so XLA's attention serves it.
         impl = "xla"
+    if impl == "triangular":
+        if not triangular.supports(q_BTNH, k_BSKH, mask_BTS):
+            impl = "xla"  # decoding after a cache, or a dense mask: nothing to skip by slices
+        else:
+            return triangular.triangular_attention(q_BTNH, k_BSKH, v_BSKH, spec, bias_BNTS,
+                                                   scale=scale, cap=cap)
     if impl in ("reference", "xla"):
         dense = spec.dense(T, S) if spec is not None else mask_BTS
         if impl == "xla" and not cap:

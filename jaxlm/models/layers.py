@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import lora
+from jaxlm.models.matmul import project
 from jaxlm.models.names import TOKEN_TABLE
 
 Axes = tuple[str | None, ...]
@@ -73,9 +74,7 @@ class Projection(nn.Module):
         in_shape = x.shape[-self.in_axes:]
         kernel = self.param("kernel", normal_init(self.std, self.kernel_axes),
                             (*in_shape, *self.features), self.param_dtype)
-        contract = tuple(range(x.ndim - self.in_axes, x.ndim))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((contract, tuple(range(self.in_axes))), ((), ())))
+        y = project(x.astype(self.dtype), kernel.astype(self.dtype), self.in_axes)
         if self.use_bias:
             bias_axes = self.kernel_axes[self.in_axes:]
             bias = self.param("bias", zeros_init(bias_axes), tuple(self.features),
@@ -114,8 +113,8 @@ class Embed(nn.Module):
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         # Logits in float32 whatever the compute dtype: bfloat16 would round them to ~3
         # significant digits before the softmax of the loss.
-        return jnp.einsum("btd,vd->btv", x_BTD.astype(self.dtype),
-                          self.embedding.astype(self.dtype), preferred_element_type=jnp.float32)
+        return project(x_BTD.astype(self.dtype), self.embedding.astype(self.dtype).T,
+                       out_dtype=jnp.float32)
 
 
 class Norm(nn.Module):
