@@ -60,10 +60,13 @@ class Runner:
         backends = matmul.WRITTEN_OUT_BACKENDS
         if name == "xla-transpose":
             matmul.WRITTEN_OUT_BACKENDS = ()  # read when the step is traced, just below
-        with jax.set_mesh(self.setup.mesh):
-            self.batches = [sharding.host_batch_to_global(b, self.setup.mesh) for b in batches]
-            self.step = self.setup.train_step.lower(self.state, self.batches[0]).compile()
-        matmul.WRITTEN_OUT_BACKENDS = backends
+        try:
+            with jax.set_mesh(self.setup.mesh):
+                self.batches = [sharding.host_batch_to_global(b, self.setup.mesh)
+                                for b in batches]
+                self.step = self.setup.train_step.lower(self.state, self.batches[0]).compile()
+        finally:
+            matmul.WRITTEN_OUT_BACKENDS = backends
         self.peak_bytes = perf.peak_memory(self.step)["peak_bytes"]
 
     def round(self, steps: int) -> tuple[list[float], float]:

@@ -50,7 +50,7 @@ class ModelConfig:
                                 "blocks passed from shard to shard, merged by an online "
                                 "softmax: O(length / context) memory) | allgather (each shard "
                                 "gathers all keys and values, then model.attention runs on its "
-                                "queries)")
+                                "queries; triangular runs xla there)")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16")
     param_dtype: str = _f("float32", "parameter and optimizer-state dtype")
     norm: str = _f("layernorm", "layernorm | rmsnorm | rmsnorm_plus1 (scaled by 1 + w, w "

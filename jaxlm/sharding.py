@@ -27,6 +27,21 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # Context parallelism splits every sequence: the token axis of activations and of batches.
 LENGTH_AXES = ("context",)
 
+def target_platform() -> str:
+    """The platform of the program being traced: that of the current mesh's devices (an
+    ahead-of-time compile on a CPU host for a TPU topology is 'tpu'), else JAX's default
+    backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def length_sharded() -> bool:
+    """Whether the current mesh splits the token axis of activations (context parallelism)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(mesh.shape.get(a, 1) > 1 for a in LENGTH_AXES)
+
+
 # (logical axis, mesh axes). Weights: embed over fsdp (FSDP), heads/mlp/vocab over tensor
 # (column-then-row split), MoE experts over expert. Activations: batch over data×fsdp×expert,
 # length over context, the tensor-split dims over tensor.

@@ -73,3 +73,18 @@ def test_sharded_batch_and_features():
                               (0, 1))(x, w)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_dot_where_the_token_axis_is_sharded():
+    """Under context parallelism flattening [batch, seq] would gather the sequence shards:
+    the products keep their [batch, seq, in] operands there, and are 2-D without it."""
+    x, w = jnp.ones((8, 4, 16)), jnp.ones((16, 6))
+
+    def operand_ranks(mesh_cfg):
+        with jax.set_mesh(sharding.make_mesh(mesh_cfg)):
+            jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(project(x, w)), (0, 1)))(x, w)
+        return {v.aval.ndim for e in jaxpr.eqns if e.primitive.name == "dot_general"
+                for v in e.invars}
+
+    assert 3 in operand_ranks(MeshConfig(data=4, context=2))
+    assert operand_ranks(MeshConfig(data=-1)) == {2}

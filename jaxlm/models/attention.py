@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
 from jaxlm.config import NO_SOFTCAP_KERNELS, ConfigError, ModelConfig
 from jaxlm.models.kernels import triangular
 from jaxlm.models.kernels.chunked import chunked_attention
@@ -192,7 +193,8 @@ def resolve_impl(impl: str, q_BTNH: jax.Array, mask, bias_BNTS, cap: float = 0.0
             return "splash"
         if (mask is None or not mask.window) and not cap:
             return "flash"
-    if (backend == "cpu" and isinstance(mask, MaskSpec) and mask.causal
+    # Self-attention is assumed here (no keys given); attention() runs xla where T != S.
+    if (sharding.target_platform() == "cpu" and isinstance(mask, MaskSpec) and mask.causal
             and triangular.supports(q_BTNH, q_BTNH, mask)
             and triangular.default_slices(q_BTNH.shape[1]) > 1):
         return "triangular"

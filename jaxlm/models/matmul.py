@@ -5,7 +5,8 @@ gradient over the batch axes, and the CPU backend's layout assignment copies the
 into a transposed layout before that product (for a tied output projection the copy is as
 large as the logits). Flattened to [tokens, in] · [in, out], with dx = g · wᵀ and
 dw = xᵀ · g stated as products, the CPU backend runs the three matmuls without the copies.
-Other backends keep XLA's transpose rule, which they lay out well.
+Other platforms keep XLA's transpose rule, which they lay out well, and so does a mesh that
+splits the token axis (flattening [batch, seq] would gather the sequence shards).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxlm import sharding
+
 # Backends whose projections take the written-out backward pass (benchmarks switch it off).
 WRITTEN_OUT_BACKENDS = ("cpu",)
 
@@ -23,10 +26,11 @@ WRITTEN_OUT_BACKENDS = ("cpu",)
 def project(x: jax.Array, w: jax.Array, in_axes: int = 1,
             out_dtype: jnp.dtype | None = None) -> jax.Array:
     """x[..., *in] · w[*in, *out]: x's trailing `in_axes` axes contracted with w's leading
-    ones; the product in `out_dtype` (default x's), accumulated in float32."""
+    ones; the product in `out_dtype` (default x's; on CPU accumulated in float32, then
+    cast)."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     contract = (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes)))
-    if jax.default_backend() not in WRITTEN_OUT_BACKENDS:
+    if sharding.target_platform() not in WRITTEN_OUT_BACKENDS or sharding.length_sharded():
         return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=out_dtype)
     lead, outs = x.shape[:x.ndim - in_axes], w.shape[in_axes:]
     k = math.prod(w.shape[:in_axes])

@@ -59,9 +59,18 @@ def _slices(T: int, n: int, causal: bool) -> list[tuple[int, int, int]]:
     return [(lo, hi, hi if causal else T) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
+def _bias_slices(bias, lo, hi, kend):
+    """Index of the bias entries for queries lo..hi and keys 0..kend (a broadcast axis
+    whole)."""
+    t = slice(lo, hi) if bias.shape[2] > 1 else slice(None)
+    return (slice(None), slice(None), t, slice(None, kend) if bias.shape[3] > 1 else slice(None))
+
+
 def _logits(q_i, k_BSKH, bias, spec, lo, hi, kend, st):
     """float32 logits [B, K, G, hi - lo, kend] of queries lo..hi against keys 0..kend, masked
-    pairs at the float32 minimum; and the soft-cap's slope (or None)."""
+    pairs at the float32 minimum; the soft-cap's slope (or None); and which queries see no
+    key at all ([B or 1, hi - lo], or None where the mask cannot leave a query without
+    keys: causal and window masks always allow a query's own position)."""
     scale, cap, _ = st
     B, bq, N, H = q_i.shape
     K = k_BSKH.shape[2]
@@ -72,26 +81,36 @@ def _logits(q_i, k_BSKH, bias, spec, lo, hi, kend, st):
         s = cap * jnp.tanh(s / cap)
         slope = 1 - jnp.square(s / cap)
     if bias is not None:
-        b = bias[:, :, lo:hi, :kend].astype(jnp.float32)
-        s = s + b.reshape(b.shape[0], K if b.shape[1] > 1 else 1, -1, hi - lo, kend)
+        b = bias[_bias_slices(bias, lo, hi, kend)].astype(jnp.float32)
+        s = s + b.reshape(b.shape[0], K if b.shape[1] > 1 else 1, -1, *b.shape[2:])
     allowed = None if spec is None else spec.tile(lo, hi - lo, 0, kend)
+    dead = None
     if allowed is not None:
         s = jnp.where(allowed[:, None, None], s, _MASKED)
-    return s, slope
+        if spec.has_arrays:
+            dead = ~jnp.any(allowed, axis=-1)
+    return s, slope, dead
 
 
 def _forward(q, k, v, spec, bias, st):
-    """out [B, T, N, H] and, per slice, the float32 probabilities and soft-cap slopes."""
+    """out [B, T, N, H] and, per slice, the float32 probabilities, soft-cap slopes and
+    queries without keys. A query without keys gets the mean of all values, as the
+    reference's softmax over all-masked logits gives."""
     B, T, N, H = q.shape
     causal = spec is not None and spec.causal
-    outs, saved = [], []  # per slice: output rows; probabilities and soft-cap slope
+    outs, saved = [], []
     for lo, hi, kend in _slices(T, st[2], causal):
-        s, slope = _logits(q[:, lo:hi], k, bias, spec, lo, hi, kend, st)
+        s, slope, dead = _logits(q[:, lo:hi], k, bias, spec, lo, hi, kend, st)
         p = jax.nn.softmax(s, axis=-1)
+        if dead is not None:
+            p = jnp.where(dead[:, None, None, :, None], 0.0, p)
         o = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v[:, :kend],
                        preferred_element_type=jnp.float32)
+        if dead is not None:
+            v_mean = jnp.mean(v.astype(jnp.float32), axis=1)  # [B, K, H]
+            o = jnp.where(dead[:, :, None, None, None], v_mean[:, None, :, None], o)
         outs.append(o.reshape(B, hi - lo, N, H))
-        saved.append((p, slope))
+        saved.append((p, slope, dead))
     return jnp.concatenate(outs, axis=1).astype(v.dtype), saved
 
 
@@ -119,8 +138,11 @@ def _attend_bwd(st, res, do):
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    for (lo, hi, kend), (p, slope) in zip(_slices(T, st[2], causal), saved):
+    for (lo, hi, kend), (p, slope, dead) in zip(_slices(T, st[2], causal), saved):
         do_i = do[:, lo:hi].reshape(B, hi - lo, K, G, H)
+        if dead is not None:  # their output, the mean of all values: 1/T of dO to each
+            do_dead = jnp.where(dead[:, :, None, None, None], do_i.astype(jnp.float32), 0.0)
+            dv = dv + jnp.sum(do_dead, axis=(1, 3))[:, None] / T
         dv = dv.at[:, :kend].add(jnp.einsum("bkgts,btkgh->bskh", p.astype(do.dtype), do_i,
                                             preferred_element_type=jnp.float32))
         dp = jnp.einsum("btkgh,bskh->bkgts", do_i, v[:, :kend],
@@ -128,9 +150,9 @@ def _attend_bwd(st, res, do):
         ds = p * (dp - delta[..., lo:hi, None])
         if dbias is not None:
             db = ds.reshape(B, N, hi - lo, kend)
-            axes = tuple(a for a in (0, 1) if bias.shape[a] == 1)
-            dbias = dbias.at[:, :, lo:hi, :kend].add(jnp.sum(db, axes, keepdims=True)
-                                                     if axes else db)
+            axes = tuple(a for a in range(4) if bias.shape[a] == 1 and db.shape[a] > 1)
+            dbias = dbias.at[_bias_slices(bias, lo, hi, kend)].add(
+                jnp.sum(db, axes, keepdims=True) if axes else db)
         if slope is not None:
             ds = ds * slope
         dk = dk.at[:, :kend].add(jnp.einsum("bkgts,btkgh->bskh", ds,
