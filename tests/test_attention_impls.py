@@ -74,6 +74,16 @@ def _check_against_reference(fn, q, k, v, mask, bias=None):
         assert _rel_err(got, want) <= RTOL
 
 
+def _check_with_bias(fn, ref, q, k, v, bias):
+    """fn(q, k, v, bias) against ref: outputs and the gradients (bias included) of
+    sum(sin(output)), relative error <= 1e-5."""
+    assert _rel_err(jax.jit(fn)(q, k, v, bias), ref(q, k, v, bias)) <= RTOL
+    g = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2, 3)))(
+        q, k, v, bias)
+    for got, want in zip(g(fn), g(ref)):
+        assert _rel_err(got, want) <= RTOL
+
+
 # ---------------------------------------------------------------- pure-JAX implementations
 
 @pytest.mark.parametrize("impl,kind", [
@@ -110,27 +120,22 @@ def test_triangular_slices_bias_and_softcap_match_reference(slices, cap):
                                                  slices=slices)
     ref = lambda q, k, v, b: attn.attention(q, k, v, dense, b, scale=0.3, cap=cap)
     bias = _bias(37, 37)
-    assert _rel_err(jax.jit(fn)(q, k, v, bias), ref(q, k, v, bias)) <= RTOL
-    g = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2, 3)))(
-        q, k, v, bias)
-    for got, want in zip(g(fn), g(ref)):
-        assert _rel_err(got, want) <= RTOL
+    _check_with_bias(fn, ref, q, k, v, bias)
 
 
-@pytest.mark.parametrize("impl", ["xla", "triangular"])
+@pytest.mark.parametrize("impl", ["xla", "triangular", "triangular3"])
 def test_queries_without_keys_match_reference(impl):
     """Left padding under a causal mask leaves the first queries no key: their output is the
     mean of all values (the reference's softmax of all-masked logits), and no gradient
-    reaches q or k through them."""
+    reaches q or k through them (triangular in three slices)."""
     q, k, v = _qkv(2, 40, 40)
     valid = np.ones((2, 40), bool)
     valid[0, :7] = False
     mask = attn.MaskSpec(causal=True, kv_valid_BS=jnp.asarray(valid))
-    _check_against_reference(
-        lambda q, k, v, b: attn.attention(q, k, v, mask, b, impl=impl), q, k, v, mask)
-    _check_against_reference(
-        lambda q, k, v, b: triangular_attention(q, k, v, mask, b, scale=H ** -0.5, slices=3),
-        q, k, v, mask)
+    fn = ((lambda q, k, v, b: attn.attention(q, k, v, mask, b, impl=impl))
+          if impl != "triangular3" else
+          lambda q, k, v, b: triangular_attention(q, k, v, mask, b, scale=H ** -0.5, slices=3))
+    _check_against_reference(fn, q, k, v, mask)
 
 
 @pytest.mark.parametrize("shape", [(1, N, 1, 40), (2, N, 1, 40)])
@@ -165,11 +170,7 @@ def test_bias_dense_mask_and_cross_attention(impl):
                              attn.attention(q, k, v, dense, b, scale=0.3, impl=impl))
     ref = lambda q, k, v, b: attn.attention(q, k, v, dense, b, scale=0.3)
     bias = _bias(19, 29)
-    assert _rel_err(jax.jit(fn)(q, k, v, bias), ref(q, k, v, bias)) <= RTOL
-    g = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2, 3)))(
-        q, k, v, bias)
-    for got, want in zip(g(fn), g(ref)):
-        assert _rel_err(got, want) <= RTOL
+    _check_with_bias(fn, ref, q, k, v, bias)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "splash", "flash"])

@@ -194,9 +194,10 @@ def resolve_impl(impl: str, q_BTNH: jax.Array, mask, bias_BNTS, cap: float = 0.0
         if (mask is None or not mask.window) and not cap:
             return "flash"
     # Self-attention is assumed here (no keys given); attention() runs xla where T != S.
+    T = q_BTNH.shape[1]
     if (sharding.target_platform() == "cpu" and isinstance(mask, MaskSpec) and mask.causal
-            and triangular.supports(q_BTNH, q_BTNH, mask)
-            and triangular.default_slices(q_BTNH.shape[1]) > 1):
+            and triangular.supports(mask, T, T)
+            and triangular.default_slices(T) > 1):
         return "triangular"
     return "xla"
 
@@ -236,12 +237,11 @@ def attention(
         # KV-cache decoding: a few queries after the cache, which the TPU kernels can't
         # place; this step is small, so XLA's attention serves it.
         impl = "xla"
+    if impl == "triangular" and not triangular.supports(mask_BTS, T, S):
+        impl = "xla"  # decoding after a cache, a dense mask, T != S: no slices to skip
     if impl == "triangular":
-        if not triangular.supports(q_BTNH, k_BSKH, mask_BTS):
-            impl = "xla"  # decoding after a cache, or a dense mask: nothing to skip by slices
-        else:
-            return triangular.triangular_attention(q_BTNH, k_BSKH, v_BSKH, spec, bias_BNTS,
-                                                   scale=scale, cap=cap)
+        return triangular.triangular_attention(q_BTNH, k_BSKH, v_BSKH, spec, bias_BNTS,
+                                               scale=scale, cap=cap)
     if impl in ("reference", "xla"):
         dense = spec.dense(T, S) if spec is not None else mask_BTS
         if impl == "xla" and not cap:

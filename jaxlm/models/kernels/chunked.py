@@ -16,12 +16,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlm.models.kernels.mask import MaskSpec
+from jaxlm.models.kernels.scores import MASKED, capped_scores, int_zero, reduce_to
 
 DEFAULT_BLOCK = 512
-_MASKED = jnp.finfo(jnp.float32).min  # as the reference: fully masked rows stay finite
 
 
 def chunked_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -77,13 +76,7 @@ def _tile_logits(q_tile, k_tile, bias, spec, dense, i, j, st, K):
     its slope d capped / d uncapped (else None)."""
     scale, bq, bk, kv_len, cap = st
     B = q_tile.shape[0]
-    q_BtKGH = q_tile.reshape(B, bq, K, -1, q_tile.shape[-1])
-    s = jnp.einsum("btkgh,bskh->bkgts", q_BtKGH, k_tile,
-                   preferred_element_type=jnp.float32) * scale
-    slope = None
-    if cap:
-        s = cap * jnp.tanh(s / cap)
-        slope = 1 - jnp.square(s / cap)
+    s, slope = capped_scores(q_tile.reshape(B, bq, K, -1, q_tile.shape[-1]), k_tile, scale, cap)
     if bias is not None:
         b = jax.lax.dynamic_slice(bias, (0, 0, i * bq, j * bk), (*bias.shape[:2], bq, bk))
         kg = (K, -1) if b.shape[1] > 1 else (1, 1)
@@ -96,7 +89,7 @@ def _tile_logits(q_tile, k_tile, bias, spec, dense, i, j, st, K):
         allowed = d if allowed is None else allowed & d
     in_range = jnp.arange(bk) + j * bk < kv_len
     if allowed is not None:
-        s = jnp.where(allowed[:, None, None], s, _MASKED)
+        s = jnp.where(allowed[:, None, None], s, MASKED)
         live = allowed[:, None, None] & in_range
     else:
         live = jnp.broadcast_to(in_range, (1, 1, 1, bq, bk))
@@ -160,7 +153,7 @@ def _forward(q, k, v, spec, dense, bias, st, out_dtype=None):
             return m_new, denom * corr + jnp.sum(p, -1), acc * corr[..., None] + pv
 
         G = N // K
-        init = (jnp.full((B, K, G, bq), _MASKED, jnp.float32),
+        init = (jnp.full((B, K, G, bq), MASKED, jnp.float32),
                 jnp.zeros((B, K, G, bq), jnp.float32), jnp.zeros((B, K, G, bq, H), jnp.float32))
         lo, hi = _kv_range(spec, i, st, nk)
         m, denom, acc = jax.lax.fori_loop(lo, hi, body, init)
@@ -189,8 +182,8 @@ def _attend_bwd(st, res, do):
     dq, dk, dv, dbias = _grads(st, q, k, v, spec, dense, bias, out, lse, do)
     dbias = None if bias is None else dbias.astype(bias.dtype)
     # Masks are integer/boolean inputs: their cotangents are symbolic zeros.
-    zero_spec = None if spec is None else jax.tree.map(_int_zero, spec)
-    zero_dense = None if dense is None else _int_zero(dense)
+    zero_spec = None if spec is None else jax.tree.map(int_zero, spec)
+    zero_dense = None if dense is None else int_zero(dense)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_spec, zero_dense,
             dbias)
 
@@ -233,7 +226,7 @@ def _grads(st, q, k, v, spec, dense, bias, out, lse, do):
                 dq, _slice_rows(dq, i * bq, bq) + dq_i.reshape(B, bq, N, H), i * bq, axis=1)
             if dbias is not None:
                 db = ds.reshape(B, N, bq, bk)
-                db = _reduce_to(db, dbias.shape[:2])
+                db = reduce_to(db, dbias.shape[:2])
                 start = (0, 0, i * bq, j * bk)
                 dbias = jax.lax.dynamic_update_slice(
                     dbias, jax.lax.dynamic_slice(dbias, start, db.shape) + db, start)
@@ -250,17 +243,6 @@ def _grads(st, q, k, v, spec, dense, bias, out, lse, do):
     dk = dk.transpose(1, 0, 2, 3, 4).reshape(B, Sp, K, H)
     dv = dv.transpose(1, 0, 2, 3, 4).reshape(B, Sp, K, H)
     return dq, dk, dv, dbias
-
-
-def _int_zero(x):
-    """The cotangent of an integer or boolean input (float0 zeros)."""
-    return np.zeros(jnp.shape(x), jax.dtypes.float0)
-
-
-def _reduce_to(x_BNts, lead_shape):
-    """Sums a [B, N, ...] gradient over the axes a broadcast bias of `lead_shape` lacks."""
-    axes = tuple(a for a, n in enumerate(lead_shape) if n == 1 and x_BNts.shape[a] != 1)
-    return jnp.sum(x_BNts, axis=axes, keepdims=True) if axes else x_BNts
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

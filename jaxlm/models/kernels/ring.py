@@ -27,10 +27,10 @@ import numpy as np
 
 from jaxlm.models.kernels import chunked
 from jaxlm.models.kernels.mask import MaskSpec
+from jaxlm.models.kernels.scores import MASKED
 
 # Mask arrays that travel with the key/value blocks; "q_segment" and "window_on" stay.
 KV_MASKS = ("kv_segment", "kv_valid")
-_MASKED = jnp.finfo(jnp.float32).min
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def _forward(q, k, v, masks, ring: Ring, me=None, pass_on=None):
         return (_pairs(ring, T, me, masks, kv, (me - s) % n, attend, acc), pass_on(kv)), None
 
     acc = (jnp.zeros((c, B, Tc, N, H), jnp.float32),
-           jnp.full((c, B, K, N // K, Tc), _MASKED, jnp.float32))
+           jnp.full((c, B, K, N // K, Tc), MASKED, jnp.float32))
     ((out, lse), _), _ = jax.lax.scan(step, (acc, _kv(k, v, masks)), jnp.arange(n))
     return jnp.moveaxis(out, 0, 1).reshape(B, T, N, H), lse
 

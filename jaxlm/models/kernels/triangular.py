@@ -18,11 +18,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlm.models.kernels.mask import MaskSpec
+from jaxlm.models.kernels.scores import MASKED, capped_scores, int_zero, reduce_to
 
-_MASKED = jnp.finfo(jnp.float32).min  # as the reference: fully masked rows stay finite
 SLICE_ROWS = 64  # queries per slice (at least); more slices skip more but run smaller matmuls
 MAX_SLICES = 8
 
@@ -32,12 +31,13 @@ def default_slices(T: int) -> int:
     return max(1, min(MAX_SLICES, T // SLICE_ROWS))
 
 
-def supports(q_BTNH: jax.Array, k_BSKH: jax.Array, mask) -> bool:
-    """Whether this kernel can run these inputs: self-attention (T == S) with no mask or a
-    MaskSpec without offsets or zig-zag order (training, evaluation, prefill)."""
+def supports(mask, q_len: int, kv_len: int) -> bool:
+    """Whether this kernel can run a mask over these lengths: self-attention (as many keys
+    as queries) with no mask or a MaskSpec without offsets or zig-zag order (training,
+    evaluation, prefill)."""
     spec_ok = mask is None or (isinstance(mask, MaskSpec) and mask.q_offset is None
                                and mask.kv_offset is None and mask.zigzag <= 1)
-    return q_BTNH.shape[1] == k_BSKH.shape[1] and spec_ok
+    return q_len == kv_len and spec_ok
 
 
 def triangular_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -46,7 +46,7 @@ def triangular_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array
     """softmax(softcap(q kᵀ·scale, cap) + bias, masked) v; returns [B, T, N, H] in v's
     dtype. `slices` 0 = default_slices(T). Without a causal mask every slice sees all keys
     (nothing is skipped)."""
-    if not supports(q_BTNH, k_BSKH, mask):
+    if not supports(mask, q_BTNH.shape[1], k_BSKH.shape[1]):
         raise ValueError("triangular attention needs as many keys as queries and no mask "
                          "or a MaskSpec without offsets")
     n = slices or default_slices(q_BTNH.shape[1])
@@ -74,19 +74,14 @@ def _logits(q_i, k_BSKH, bias, spec, lo, hi, kend, st):
     scale, cap, _ = st
     B, bq, N, H = q_i.shape
     K = k_BSKH.shape[2]
-    s = jnp.einsum("btkgh,bskh->bkgts", q_i.reshape(B, bq, K, N // K, H), k_BSKH[:, :kend],
-                   preferred_element_type=jnp.float32) * scale
-    slope = None
-    if cap:
-        s = cap * jnp.tanh(s / cap)
-        slope = 1 - jnp.square(s / cap)
+    s, slope = capped_scores(q_i.reshape(B, bq, K, N // K, H), k_BSKH[:, :kend], scale, cap)
     if bias is not None:
         b = bias[_bias_slices(bias, lo, hi, kend)].astype(jnp.float32)
         s = s + b.reshape(b.shape[0], K if b.shape[1] > 1 else 1, -1, *b.shape[2:])
     allowed = None if spec is None else spec.tile(lo, hi - lo, 0, kend)
     dead = None
     if allowed is not None:
-        s = jnp.where(allowed[:, None, None], s, _MASKED)
+        s = jnp.where(allowed[:, None, None], s, MASKED)
         if spec.has_arrays:
             dead = ~jnp.any(allowed, axis=-1)
     return s, slope, dead
@@ -98,6 +93,9 @@ def _forward(q, k, v, spec, bias, st):
     reference's softmax over all-masked logits gives."""
     B, T, N, H = q.shape
     causal = spec is not None and spec.causal
+    # What a query without keys gets; only segment or padding masks can leave one so.
+    v_mean_BKH = (jnp.mean(v.astype(jnp.float32), axis=1)
+                  if spec is not None and spec.has_arrays else None)
     outs, saved = [], []
     for lo, hi, kend in _slices(T, st[2], causal):
         s, slope, dead = _logits(q[:, lo:hi], k, bias, spec, lo, hi, kend, st)
@@ -107,8 +105,7 @@ def _forward(q, k, v, spec, bias, st):
         o = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v[:, :kend],
                        preferred_element_type=jnp.float32)
         if dead is not None:
-            v_mean = jnp.mean(v.astype(jnp.float32), axis=1)  # [B, K, H]
-            o = jnp.where(dead[:, :, None, None, None], v_mean[:, None, :, None], o)
+            o = jnp.where(dead[:, :, None, None, None], v_mean_BKH[:, None, :, None], o)
         outs.append(o.reshape(B, hi - lo, N, H))
         saved.append((p, slope, dead))
     return jnp.concatenate(outs, axis=1).astype(v.dtype), saved
@@ -149,10 +146,8 @@ def _attend_bwd(st, res, do):
                         preferred_element_type=jnp.float32)
         ds = p * (dp - delta[..., lo:hi, None])
         if dbias is not None:
-            db = ds.reshape(B, N, hi - lo, kend)
-            axes = tuple(a for a in range(4) if bias.shape[a] == 1 and db.shape[a] > 1)
-            dbias = dbias.at[_bias_slices(bias, lo, hi, kend)].add(
-                jnp.sum(db, axes, keepdims=True) if axes else db)
+            db = reduce_to(ds.reshape(B, N, hi - lo, kend), bias.shape)
+            dbias = dbias.at[_bias_slices(bias, lo, hi, kend)].add(db)
         if slope is not None:
             ds = ds * slope
         dk = dk.at[:, :kend].add(jnp.einsum("bkgts,btkgh->bskh", ds,
@@ -162,14 +157,9 @@ def _attend_bwd(st, res, do):
                           preferred_element_type=jnp.float32) * scale
         dq_parts.append(dq_i.reshape(B, hi - lo, N, H))
     dq = jnp.concatenate(dq_parts, axis=1)
-    zero_spec = None if spec is None else jax.tree.map(_int_zero, spec)
+    zero_spec = None if spec is None else jax.tree.map(int_zero, spec)
     dbias = None if bias is None else dbias.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_spec, dbias
-
-
-def _int_zero(x):
-    """The cotangent of an integer or boolean input (float0 zeros)."""
-    return np.zeros(jnp.shape(x), jax.dtypes.float0)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
